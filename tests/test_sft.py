@@ -1,0 +1,134 @@
+import math
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import data
+import plumbing
+import sft
+from conftest import needs_shared, needs_smollm2, read_metrics, run_script, shared
+
+TINY_RUN = ["--batch_size", "16", "--gold_prompts", "0", "--log_every", "1", "--eval_every", "1000", "--warmup", "3"]
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer():
+    demos = data.load_demos("toy", "train[:2000]")
+    return plumbing.train_tiny_tokenizer([x["prompt"] + x["response"] for x in demos])
+
+
+def test_loss_mask_is_exactly_the_response_and_eos(tiny_tokenizer):
+    tok = tiny_tokenizer
+    demos = data.load_demos("toy", "test[:4]")
+    examples = sft.tokenize_demos(tok, demos, max_len=128)
+    ids, mask, loss_mask = sft.make_batch(examples, tok.pad_token_id)
+    for i, x in enumerate(demos):
+        target = ids[i][loss_mask[i].bool()].tolist()
+        assert target[-1] == tok.eos_token_id
+        assert tok.decode(target[:-1]) == x["response"]
+        assert tok.decode(ids[i][: len(examples[i][0])]) == x["prompt"]
+    assert (loss_mask <= mask).all() and tok.pad_token_id != tok.eos_token_id
+
+
+def test_prompt_tokens_carry_no_loss(tiny_tokenizer):
+    tok = tiny_tokenizer
+    model = plumbing.build_tiny_model(tok, seed=0)
+    examples = sft.tokenize_demos(tok, data.load_demos("toy", "test[:3]"), max_len=128)
+    ids, mask, lm = sft.make_batch(examples, tok.pad_token_id)
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    logits.retain_grad()
+    # the same sum computed another way: log-softmax, gather, positions listed by hand
+    logp = torch.log_softmax(logits.float(), -1)
+    expected = -sum(logp[i, t - 1, ids[i, t]] for i, (p, r) in enumerate(examples) for t in range(len(p), len(p) + len(r)))
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+    got = (nll.view(ids.shape[0], -1) * lm[:, 1:]).sum()
+    assert torch.allclose(got, expected, rtol=1e-5)
+    got.backward()
+    for i, (p, r) in enumerate(examples):  # logits predicting prompt tokens or padding get no gradient
+        assert logits.grad[i, : len(p) - 1].abs().max() == 0
+        assert logits.grad[i, len(p) + len(r) - 1:].abs().max() == 0
+        assert logits.grad[i, len(p) - 1: len(p) + len(r) - 1].abs().min() > 0
+
+
+def test_loss_falls_and_saved_directory_reloads(tmp_path):
+    out = str(tmp_path / "sft")
+    sft.main(sft.parser.parse_args(["--out", out, "--steps", "40", "--save_every", "0", "--batch_size", "32",
+                                    "--log_every", "5", "--eval_every", "20", "--gold_prompts", "10"]))
+    log = read_metrics(os.path.join(out, "metrics.jsonl"))
+    losses = [r["train/loss"] for r in log if "train/loss" in r]
+    assert losses[0] > 5.0 and losses[-1] < 3.0, losses
+    final = log[-1]
+    assert final["eval/loss"] < 3.0 and 0 <= final["eval/gold_mean"] <= 1
+    # the saved directory is an ordinary transformers model: reload and recompute the held-out loss
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    examples = sft.tokenize_demos(tok, data.load_demos("toy", "test"), 128)
+    assert sft.heldout_loss(model, examples, tok.pad_token_id, plumbing.Dist()) == pytest.approx(final["eval/loss"], rel=1e-5)
+    assert not os.path.exists(out + ".saving")
+
+
+def _weights(path):
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def _assert_same_run(a, b, tol=1e-5):
+    la = [r["train/loss"] for r in read_metrics(os.path.join(a, "metrics.jsonl")) if "train/loss" in r]
+    lb = [r["train/loss"] for r in read_metrics(os.path.join(b, "metrics.jsonl")) if "train/loss" in r]
+    assert len(la) == len(lb) and la == pytest.approx(lb, rel=tol, abs=tol)
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=tol, rtol=0), k
+
+
+def test_torchrun_two_processes_equal_one(tmp_path):
+    one, two, accum = (str(tmp_path / n) for n in ("one", "two", "accum"))
+    run_script(["sft.py", "--out", one, "--steps", "6", "--save_every", "0", *TINY_RUN])
+    run_script(["sft.py", "--out", two, "--steps", "6", "--save_every", "0", *TINY_RUN], nproc=2)
+    run_script(["sft.py", "--out", accum, "--steps", "6", "--save_every", "0", "--grad_accum", "4", *TINY_RUN])
+    _assert_same_run(one, two)
+    _assert_same_run(one, accum)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    sft.main(sft.parser.parse_args(["--out", full, "--steps", "8", "--save_every", "0", *TINY_RUN]))
+    sft.main(sft.parser.parse_args(["--out", part, "--steps", "8", "--save_every", "4", "--stop_at", "4", *TINY_RUN]))
+    assert not os.path.exists(os.path.join(part, "config.json"))  # interrupted: no final model yet
+    sft.main(sft.parser.parse_args(["--out", part, "--steps", "8", "--save_every", "4", "--resume", *TINY_RUN]))
+    _assert_same_run(full, part, tol=1e-6)
+
+
+def test_resume_under_torchrun_continues_a_single_process_checkpoint(tmp_path):
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    run_script(["sft.py", "--out", full, "--steps", "6", "--save_every", "0", *TINY_RUN])
+    run_script(["sft.py", "--out", part, "--steps", "6", "--save_every", "3", "--stop_at", "3", *TINY_RUN])
+    run_script(["sft.py", "--out", part, "--steps", "6", "--save_every", "3", "--resume", *TINY_RUN], nproc=2)
+    _assert_same_run(full, part)
+
+
+def test_bad_batch_flags_are_named():
+    with pytest.raises(SystemExit):
+        sft.main(sft.parser.parse_args(["--batch_size", "10", "--grad_accum", "4"]))
+
+
+@needs_shared
+@needs_smollm2
+def test_real_model_smollm2_sft_steps_on_hh_rlhf(tmp_path):
+    tok = plumbing.load_tokenizer("smollm2")
+    assert tok.pad_token_id != tok.eos_token_id
+    pair = data.load_pairs(shared("data", "hh-rlhf", "helpful-base", "test.jsonl.gz"), "test[:1]")[0]
+    p, r = plumbing.encode(tok, pair["prompt"], pair["chosen"], max_len=512)
+    assert "<|im_start|>user" in tok.decode(p) and tok.decode(p).endswith("<|im_start|>assistant\n")
+    assert r[-1] == tok.eos_token_id
+    out = str(tmp_path / "smol")
+    sft.main(sft.parser.parse_args(["--model", "smollm2", "--data", shared("data", "hh-rlhf", "helpful-base"),
+                                    "--split", "test[:8]", "--eval_split", "test[8:12]", "--out", out, "--steps", "2",
+                                    "--batch_size", "4", "--grad_accum", "2", "--lr", "1e-5", "--max_len", "96",
+                                    "--save_every", "0", "--log_every", "1", "--gold_prompts", "0"]))
+    log = read_metrics(os.path.join(out, "metrics.jsonl"))
+    losses = [r["train/loss"] for r in log if "train/loss" in r] + [log[-1]["eval/loss"]]
+    assert len(losses) == 3 and all(math.isfinite(x) and 0 < x < 20 for x in losses)
