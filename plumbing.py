@@ -165,19 +165,27 @@ def load_tokenizer(spec, texts=None):
     return tok
 
 
-def load_causal_lm(spec, tokenizer, seed=0, dtype=torch.float32, **tiny_overrides):
-    """Causal LM from `tiny` (built from a config), a hub id or directory, or a `.gguf` file."""
-    from transformers import AutoModelForCausalLM
+def load_model(spec, tokenizer, seed=0, dtype=torch.float32, head="lm", **tiny_overrides):
+    """A transformers model from `tiny` (built from a config), a hub id or directory, or a `.gguf`
+    file. head="lm": *ForCausalLM; head="score": *ForSequenceClassification with one output (the
+    reward model and critic backbone; a new head is initialized when `spec` has none)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    auto = AutoModelForCausalLM if head == "lm" else AutoModelForSequenceClassification
+    extra = {} if head == "lm" else {"num_labels": 1}
     if spec == "tiny":
+        if head != "lm":
+            raise ValueError("load_model: a reward model starts from an SFT directory, not from 'tiny'")
         model = build_tiny_model(tokenizer, seed, **tiny_overrides)
     elif spec == "smollm2" or spec.endswith(".gguf"):
         folder, name = gguf_location(spec)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+        torch.manual_seed(seed)
+        model = auto.from_pretrained(folder, gguf_file=name, dtype=dtype, **extra)
         model.hf_quantizer = None  # the weights are de-quantized on load; let save_pretrained write them
         model.config.quantization_config = None
         del model.config.quantization_config
     else:
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
+        torch.manual_seed(seed)  # a new score head is initialized from the seed
+        model = auto.from_pretrained(spec, dtype=dtype, **extra)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -190,7 +198,7 @@ def shard(model, d, bf16=False):
         return model.to(d.device)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-    block_names = set(getattr(model, "_no_split_modules", None) or [])
+    block_names = {n for m in model.modules() for n in (getattr(m, "_no_split_modules", None) or [])}
     blocks = [m for m in model.modules() if type(m).__name__ in block_names]
     if not blocks:
         raise ValueError(f"shard: {type(model).__name__} names no decoder block class in _no_split_modules")
@@ -254,6 +262,17 @@ def encode(tokenizer, prompt, response=None, max_len=512, max_prompt_len=None):
     return p, r
 
 
+def tokenize_pairs(tokenizer, pairs, max_len):
+    """(prompt ids, chosen ids + EOS, prompt ids, rejected ids + EOS) per preference pair; the
+    prompt is cut separately for each side so that both fit in max_len."""
+    out = []
+    for x in pairs:
+        p, c = encode(tokenizer, x["prompt"], x["chosen"], max_len=max_len)
+        p2, r = encode(tokenizer, x["prompt"], x["rejected"], max_len=max_len)
+        out.append((p, c, p2, r))
+    return out
+
+
 def pad_batch(seqs, pad_id, left=False):
     """[list of ids] -> (ids, attention_mask) as [B, T] tensors, padded on the right or the left."""
     width = max(len(s) for s in seqs)
@@ -306,6 +325,15 @@ def _full_model_state(model, d):
     return {k: v for k, v in state.items() if k in unique}
 
 
+def _transformers_part(model, state):
+    """A module that wraps a transformers model as `.hf` saves that model, prefix stripped;
+    whatever else the wrapper holds is returned separately (saved by its stage)."""
+    if not hasattr(model, "hf"):
+        return model, state, {}
+    inner = {k[3:]: v for k, v in state.items() if k.startswith("hf.")}
+    return model.hf, inner, {k: v for k, v in state.items() if not k.startswith("hf.")}
+
+
 def _replace_dir(tmp, final):
     """Swap a finished `tmp` directory into place: nothing half-written is ever at `final`."""
     old = final + ".old"
@@ -319,11 +347,13 @@ def save_model(model, tokenizer, out_dir, d, extra=None):
     """save_pretrained (model + tokenizer + `extra` JSON files) into `out_dir`, written to a
     temporary folder first and moved in file by file with config.json last, so a directory with
     a config.json always holds a complete model. Collective: every rank must call it."""
-    state = _full_model_state(model, d)
+    hf, state, rest = _transformers_part(model, _full_model_state(model, d))
     if d.main:
         tmp = out_dir.rstrip("/") + ".saving"
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, state_dict=state)
+        hf.save_pretrained(tmp, state_dict=state)
+        if rest:
+            torch.save(rest, os.path.join(tmp, "extra_heads.pt"))
         tokenizer.save_pretrained(tmp)
         for name, obj in (extra or {}).items():
             with open(os.path.join(tmp, name), "w") as f:
@@ -347,15 +377,17 @@ def save_checkpoint(ckpt_dir, models, optimizers, tokenizer, state, d):
     tmp = ckpt_dir.rstrip("/") + ".tmp"
     opt_states = {}
     for name, model in models.items():
-        full = _full_model_state(model, d)
+        hf, full, rest = _transformers_part(model, _full_model_state(model, d))
         # keyed by parameter name (not id), so a checkpoint resumes under any number of ranks
         opt_states[name] = get_optimizer_state_dict(model, optimizers[name],
                                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if d.main:
             if name == next(iter(models)):
                 shutil.rmtree(tmp, ignore_errors=True)
-            model.save_pretrained(os.path.join(tmp, name), state_dict=full)
+            hf.save_pretrained(os.path.join(tmp, name), state_dict=full)
             tokenizer.save_pretrained(os.path.join(tmp, name))
+            if rest:
+                torch.save(rest, os.path.join(tmp, name, "extra_heads.pt"))
     if d.main:
         torch.save({"optimizers": opt_states, "state": state, "rng": rng_state()},
                    os.path.join(tmp, "trainer_state.pt"))

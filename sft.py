@@ -21,7 +21,6 @@ import math
 import os
 
 import torch
-import torch.nn.functional as F
 
 import data
 import plumbing
@@ -50,12 +49,22 @@ def make_batch(examples, pad_id):
     return ids, mask, loss_mask
 
 
+def token_logprobs(logits, ids):
+    """log π(a_t | s_t) of each next token: [B, T-1] from logits [B, T, V] and ids [B, T]."""
+    return torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+
+
+def sequence_logprobs(model, ids, mask, loss_mask):
+    """log π(y | x) per row: the summed log-probs of the response tokens (loss_mask 1), and their count."""
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=plumbing.position_ids(mask)).logits
+    weights = loss_mask[:, 1:].float()
+    return (token_logprobs(logits, ids) * weights).sum(-1), weights.sum(-1)
+
+
 def response_nll(model, ids, mask, loss_mask):
     """Summed next-token NLL over response tokens, and how many there are."""
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-    targets, weights = ids[:, 1:], loss_mask[:, 1:].float()
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-    return (nll.view_as(weights) * weights).sum(), weights.sum()
+    logp, n = sequence_logprobs(model, ids, mask, loss_mask)
+    return -logp.sum(), n.sum()
 
 
 @torch.no_grad()
@@ -101,7 +110,7 @@ def main(args):
 
     source = os.path.join(ckpt, "model") if ckpt else args.model
     tokenizer = plumbing.load_tokenizer(source, texts=[x["prompt"] + x["response"] for x in train])
-    model = plumbing.shard(plumbing.load_causal_lm(source, tokenizer, seed=args.seed), d, bf16=args.bf16)
+    model = plumbing.shard(plumbing.load_model(source, tokenizer, seed=args.seed), d, bf16=args.bf16)
     optimizer = plumbing.adamw(model, args)
     first = plumbing.load_optimizer_state(ckpt, {"model": model}, {"model": optimizer}, d)["step"] if ckpt else 0
     train_ex = tokenize_demos(tokenizer, train, args.max_len)

@@ -35,3 +35,13 @@ def run_script(args, nproc=1, timeout=600):
 def read_metrics(path):
     with open(path) as f:
         return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="session")
+def toy_sft_dir(tmp_path_factory):
+    """A short SFT run on the built-in task, shared by the later stages' tests."""
+    import sft
+    out = str(tmp_path_factory.mktemp("toy_sft") / "sft")
+    sft.main(sft.parser.parse_args(["--out", out, "--steps", "150", "--batch_size", "32", "--save_every", "0",
+                                    "--eval_every", "1000", "--gold_prompts", "0", "--lr", "3e-3"]))
+    return out

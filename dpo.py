@@ -1,0 +1,132 @@
+"""dpo.py: the DPO baseline of the paper's table (Rafailov et al. 2023), trained from the SFT model.
+
+    L(θ) = −log σ( β·[ (log π_θ(y_c|x) − log π_ref(y_c|x)) − (log π_θ(y_r|x) − log π_ref(y_r|x)) ] )
+
+π_ref is the SFT model, frozen; its log-probs are computed in the same step, without gradient.
+log π(y|x) sums the response tokens' log-probs, EOS included. The implicit reward of a response
+is β·(log π_θ − log π_ref), logged as rewards/chosen and rewards/rejected.
+
+    python dpo.py                                  # on the built-in task, from runs/sft
+    torchrun --nproc_per_node 2 dpo.py             # the same on 2 processes (FSDP2)
+    torchrun --nproc_per_node 8 dpo.py --sft runs/sft-7b --data Anthropic/hh-rlhf \\
+        --lr 5e-7 --batch_size 64 --max_len 512                                        # 1 node
+    torchrun --nnodes 2 --node_rank $RANK --master_addr $HOST --master_port 29500 \\
+        --nproc_per_node 8 dpo.py ...                                                    # 2 nodes
+
+Writes `--out` (default runs/dpo): the policy (save_pretrained), metrics.jsonl, checkpoint/.
+"""
+import argparse
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+import data
+import plumbing
+import sft
+
+# fmt: off
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+parser.add_argument("--sft", default="runs/sft", help="SFT model directory: the initial policy and the frozen reference")
+parser.add_argument("--data", default="toy", help="data.py spec of preference pairs")
+parser.add_argument("--split", default="train", help="training split, with an optional slice")
+parser.add_argument("--eval_split", default=None, help="held-out split; default: toy 'test', else 5%% carved from --split")
+parser.add_argument("--beta", type=float, default=0.1, help="β: strength of the implicit KL constraint to π_ref")
+parser.add_argument("--gold_prompts", type=int, default=200, help="toy only: greedy-decode this many test prompts and report gold scores")
+plumbing.add_training_flags(parser, out="runs/dpo", steps=300, lr=2e-4, eval_every=100, save_every=150)
+# fmt: on
+
+
+def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta):
+    """Per-pair DPO loss and the implicit rewards β·(log π_θ − log π_ref) of both responses."""
+    chosen_reward = beta * (pi_chosen - ref_chosen)
+    rejected_reward = beta * (pi_rejected - ref_rejected)
+    # L = −log σ(β·[(log π_θ(y_c|x) − log π_ref(y_c|x)) − (log π_θ(y_r|x) − log π_ref(y_r|x))])
+    loss = -F.logsigmoid(chosen_reward - rejected_reward)
+    return loss, chosen_reward, rejected_reward
+
+
+def pair_logprobs(model, examples, pad_id, device):
+    """log π(y_c|x) and log π(y_r|x) for a list of tokenized pairs, in one forward pass."""
+    seqs = [(p, c) for p, c, _, _ in examples] + [(p, r) for _, _, p, r in examples]
+    ids, mask, loss_mask = (t.to(device) for t in sft.make_batch(seqs, pad_id))
+    logp = sft.sequence_logprobs(model, ids, mask, loss_mask)[0]
+    return logp[: len(examples)], logp[len(examples):]
+
+
+def pair_stats(pi_c, pi_r, ref_c, ref_r, beta, prefix):
+    """Summed diagnostics of a batch of pairs (the loop divides by the number of pairs)."""
+    loss, rc, rr = dpo_loss(pi_c, pi_r, ref_c, ref_r, beta)
+    return loss.sum(), {f"{prefix}rewards/chosen": rc.sum(), f"{prefix}rewards/rejected": rr.sum(),
+                        f"{prefix}rewards/margin": (rc - rr).sum(), f"{prefix}rewards/accuracy": (rc > rr).float().sum(),
+                        f"{prefix}logps/chosen": pi_c.sum(), f"{prefix}logps/rejected": pi_r.sum()}
+
+
+@torch.no_grad()
+def heldout_metrics(policy, reference, examples, pad_id, beta, d, batch_size=64):
+    """The same diagnostics on held-out pairs, averaged over all of them (all ranks)."""
+    policy.eval()
+    mine = examples[d.rank::d.world]
+    n_batches = math.ceil(math.ceil(len(examples) / d.world) / batch_size)  # the same on every rank
+    sums = None
+    for chunk in plumbing.equal_chunks(mine, n_batches, batch_size):
+        weight = 1.0 if chunk else 0.0
+        pi = pair_logprobs(policy, chunk or examples[:1], pad_id, d.device)
+        ref = pair_logprobs(reference, chunk or examples[:1], pad_id, d.device)
+        loss, stats = pair_stats(*pi, *ref, beta, "eval/")
+        values = torch.stack([loss, *stats.values()]).float().cpu() * weight
+        sums = values if sums is None else sums + values
+    sums = plumbing.all_reduce_sum(sums.to(d.device), d).cpu() / len(examples)
+    return dict(zip(["eval/loss", *stats], sums.tolist()))
+
+
+def main(args):
+    d, ckpt = plumbing.start(args, parser)
+    train = data.load_pairs(args.data, args.split)
+    if args.eval_split:
+        heldout = data.load_pairs(args.data, args.eval_split)
+    elif args.data == "toy":
+        heldout = data.load_pairs("toy", "test")
+    else:
+        train, heldout = data.split_heldout(train, 0.05, seed=args.seed)
+    source = os.path.join(ckpt, "model") if ckpt else args.sft
+    tokenizer = plumbing.load_tokenizer(source)
+    policy = plumbing.shard(plumbing.load_model(source, tokenizer, seed=args.seed), d, bf16=args.bf16)
+    reference = plumbing.shard(plumbing.load_model(args.sft, tokenizer, seed=args.seed), d, bf16=args.bf16)
+    reference.eval().requires_grad_(False)  # π_ref stays the SFT model
+    optimizer = plumbing.adamw(policy, args)
+    first = plumbing.load_optimizer_state(ckpt, {"model": policy}, {"model": optimizer}, d)["step"] if ckpt else 0
+    train_ex = plumbing.tokenize_pairs(tokenizer, train, args.max_len)
+    heldout_ex = plumbing.tokenize_pairs(tokenizer, heldout[:1000], args.max_len)
+    log = plumbing.MetricsLog(os.path.join(args.out, "metrics.jsonl"), d, resume=ckpt is not None)
+    if d.main:
+        print(f"dpo: {args.sft} on {args.data}: {len(train_ex)} train / {len(heldout_ex)} held-out pairs, "
+              f"beta {args.beta}, {d.world} process(es), steps {first}..{args.steps}")
+
+    def micro_loss(micro):
+        with torch.no_grad():
+            ref_c, ref_r = pair_logprobs(reference, micro, tokenizer.pad_token_id, d.device)
+        pi_c, pi_r = pair_logprobs(policy, micro, tokenizer.pad_token_id, d.device)
+        return pair_stats(pi_c, pi_r, ref_c, ref_r, args.beta, "train/")
+
+    evaluate = lambda: heldout_metrics(policy, reference, heldout_ex, tokenizer.pad_token_id, args.beta, d)  # noqa: E731
+    finished = plumbing.supervised_loop(args, d, policy, optimizer, tokenizer, train_ex, micro_loss, batch_weight=len,
+                                        evaluate=evaluate, log=log, first_step=first, name="dpo")
+    if finished:
+        summary = evaluate()
+        if args.data == "toy" and args.gold_prompts:
+            prompts = [x["prompt"] for x in data.load_prompts("toy", f"test[:{args.gold_prompts}]")]
+            gold = sft.gold_by_group(policy, tokenizer, prompts, d)
+            summary.update({f"eval/gold/{g}": v for g, v in gold.items()}, **{"eval/gold_mean": sum(gold.values()) / len(gold)})
+        log.log(args.steps, summary)
+        plumbing.save_model(policy, tokenizer, args.out, d, extra={"dpo_args.json": vars(args)})
+        if d.main:
+            keys = ["eval/rewards/accuracy", "eval/rewards/margin", "eval/logps/chosen", "eval/logps/rejected", "eval/gold_mean"]
+            print("dpo: " + "  ".join(f"{k}={summary[k]:.3f}" for k in keys if k in summary) + f"; saved {args.out}")
+    log.close()
+    plumbing.close_distributed(d)
+
+
+if __name__ == "__main__":
+    main(parser.parse_args())
