@@ -324,6 +324,8 @@ def _pair_from_record(rec, where, split):
             need("prompt", "response")
             return ({"prompt": rec["prompt"], "chosen": rec["response"], "rejected": None}, None) \
                 if rec["response"].strip() else (None, "empty response")
+        if "chosen" not in rec and "rejected" not in rec:  # prompts only
+            return {"prompt": rec["prompt"], "chosen": None, "rejected": None}, None
         need("prompt", "chosen", "rejected")
         pair = {k: rec[k] for k in ("prompt", "chosen", "rejected")}
     else:  # HH-RLHF transcripts
@@ -418,7 +420,7 @@ def load_pairs(spec, split):
         return toy_pairs(name)[cut]
     pairs = _load_records(spec, split)
     if any(p["rejected"] is None for p in pairs):
-        raise DataError(f"{spec} [{split}]: holds demonstrations {{prompt, response}}, not preference pairs")
+        raise DataError(f"{spec} [{split}]: holds demonstrations or prompts, not preference pairs")
     return pairs
 
 
@@ -428,7 +430,10 @@ def load_demos(spec, split):
     name, cut = _parse_split(split)
     if spec == "toy":
         return toy_demos(name)[cut]
-    return [{"prompt": p["prompt"], "response": p.get("ref") or p["chosen"]} for p in _load_records(spec, split)]
+    demos = [{"prompt": p["prompt"], "response": p.get("ref") or p["chosen"]} for p in _load_records(spec, split)]
+    if any(x["response"] is None for x in demos):
+        raise DataError(f"{spec} [{split}]: holds prompts only, not demonstrations")
+    return demos
 
 
 def load_prompts(spec, split):

@@ -291,7 +291,7 @@ def position_ids(mask):
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts, max_new_tokens=32, temperature=0.0, max_prompt_len=256, seed=None):
+def generate(model, tokenizer, prompts, max_new_tokens=32, temperature=0.0, max_prompt_len=256, seed=None, min_new_tokens=0):
     """Left-padded batched decoding. temperature 0 = greedy. Returns (prompt ids [B, P] and their
     mask, response ids [B, R] with everything after the first EOS set to pad, response texts)."""
     prompt_ids = [encode(tokenizer, p, max_len=max_prompt_len)[0] for p in prompts]
@@ -302,7 +302,7 @@ def generate(model, tokenizer, prompts, max_new_tokens=32, temperature=0.0, max_
         torch.manual_seed(seed)
     sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
     with unsharded(model):
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens or None,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sampling)
     response = out[:, ids.shape[1]:].cpu()
     after_eos = (response == tokenizer.eos_token_id).long().cumsum(-1) - (response == tokenizer.eos_token_id).long() > 0
@@ -436,6 +436,11 @@ class MetricsLog:
             self.file.close()
 
 
+def peak_rss_mb():
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
 def progress(iterable, d, **kw):
     """tqdm on rank 0, a plain iterator elsewhere."""
     from tqdm import tqdm
@@ -532,7 +537,7 @@ def supervised_loop(args, d, model, optimizer, tokenizer, examples, micro_loss, 
         out = {}
         if (step + 1) % args.log_every == 0 or step == first_step:
             out = {**metrics, "train/grad_norm": grad_norm, "train/lr": optimizer.param_groups[0]["lr"],
-                   "perf/examples_per_s": seen / (time.time() - t0)}
+                   "perf/examples_per_s": seen / (time.time() - t0), "perf/peak_rss_mb": peak_rss_mb()}
             bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             out.update(evaluate())

@@ -50,9 +50,10 @@ class RewardModel(torch.nn.Module):
         super().__init__()
         self.hf = hf
 
-    def forward(self, ids, mask):
+    def forward(self, ids, mask, return_hidden=False):
         hidden = self.hf.base_model(input_ids=ids, attention_mask=mask, position_ids=plumbing.position_ids(mask)).last_hidden_state
-        return self.hf.score(hidden).squeeze(-1).float()  # [B, T]
+        values = self.hf.score(hidden).squeeze(-1).float()  # [B, T]
+        return (values, hidden) if return_hidden else values
 
 
 def last_token_index(mask):

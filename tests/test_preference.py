@@ -138,7 +138,7 @@ def _assert_same(a, b, key, tol=1e-5, weight_tol=3e-5):
 @pytest.mark.parametrize("stage", ["reward", "dpo"])
 def test_torchrun_two_processes_equal_one_and_resume(toy_sft_dir, tmp_path, stage):
     extra = ["--gold_prompts", "0"] if stage == "dpo" else ["--stats_pairs", "64"]
-    base = [f"{stage}.py", "--sft", toy_sft_dir, "--split", "train[:256]", "--steps", "6", *SHORT, *extra]
+    base = [f"{stage}.py", "--sft", toy_sft_dir, "--split", "train[:256]", "--eval_split", "test[:32]", "--steps", "6", *SHORT, *extra]
     one, two, part = (str(tmp_path / n) for n in ("one", "two", "part"))
     run_script(base + ["--out", one, "--save_every", "0"])
     run_script(base + ["--out", two, "--save_every", "0"], nproc=2)

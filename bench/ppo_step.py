@@ -1,0 +1,48 @@
+"""Seconds per PPO step on a fixed tiny workload (a benchmark, not a test).
+
+Workload: the random-init GPT-2 of bench/workload.py (2 layers, width 128, 4 heads, BPE vocabulary
+4,096) as policy, reference, critic and reward model; 16 prompts of 16 tokens per step; exactly 32
+sampled tokens each (EOS suppressed until then); one epoch of 4 minibatches. Each variant runs as
+a user would run it (`python ppo_gi.py ...`) for 2 warm-up + 8 timed steps; ppo_gi.py times its
+own phases (perf/gen_s, perf/score_s, perf/train_s) and the medians over the timed steps are
+printed, with the process's peak RSS.
+
+    python bench/ppo_step.py            # prints one JSON line per variant
+"""
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+from workload import ROOT, build_workload
+
+WARMUP, TIMED = 2, 8
+
+
+def run(variant, folder):
+    out = os.path.join(folder, variant)
+    cmd = [sys.executable, "ppo_gi.py", "--sft", os.path.join(folder, "model"), "--reward", os.path.join(folder, "model"),
+           "--data", os.path.join(folder, "prompts.jsonl"), "--split", "all", "--out", out, "--steps", str(WARMUP + TIMED),
+           "--rollout_batch", "16", "--minibatch", "4", "--ppo_epochs", "1", "--max_new_tokens", "32", "--min_new_tokens", "32",
+           "--save_every", "0", "--eval_prompts", "0"] + (["--no_gi"] if variant == "ppo" else [])
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    subprocess.run(cmd, cwd=ROOT, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [r for r in map(json.loads, f) if "perf/step_s" in r][WARMUP:]
+    med = {k: round(statistics.median(r[f"perf/{k}"] for r in rows), 4) for k in ("step_s", "gen_s", "score_s", "train_s")}
+    return {"variant": variant, "step_median_s": med["step_s"], "gen_median_s": med["gen_s"], "score_median_s": med["score_s"],
+            "train_median_s": med["train_s"], "peak_rss_mb": round(max(r["perf/peak_rss_mb"] for r in rows), 1), "timed_steps": len(rows)}
+
+
+if __name__ == "__main__":
+    with tempfile.TemporaryDirectory() as folder:
+        build_workload(folder)
+        with open(os.path.join(folder, "pairs.jsonl")) as f, open(os.path.join(folder, "prompts.jsonl"), "w") as g:
+            for line in f:
+                g.write(json.dumps({"prompt": json.loads(line)["prompt"]}) + "\n")
+        with open(os.path.join(folder, "model", "reward_stats.json"), "w") as f:
+            json.dump({"mean": 0.0, "std": 1.0}, f)  # the random-init model serves as reward model too
+        for variant in ("ppo", "gi_ppo"):
+            print(json.dumps(run(variant, folder)), flush=True)

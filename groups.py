@@ -1,0 +1,147 @@
+"""groups.py: Stage 1 of the method, group label inference.
+
+A classifier p_φ(g | x, y) over M groups (a linear head on the critic's last-token hidden state,
+softmax over M) is trained to MAXIMIZE the variance of performance across the groups it infers:
+
+    R_g(θ)      = Σ_i p_φ(g|x_i,y_i) · J_i  /  Σ_i p_φ(g|x_i,y_i)          (soft group mean)
+    R_var(θ, φ) = Var( R_g1(θ), R_g2(θ), …, R_gM(θ) )                      (population variance)
+    J_i         = Σ_t log π_θ(a_t|s_t) · R_t                                (the slide's per-trajectory term)
+
+With hard 0/1 probabilities R_g is the slide's indicator form. Soft probabilities replace the
+indicator (as in EIIL); normalizing by the soft group size (not by N) keeps φ from winning by
+putting every positive J_i in one group. Stage 2 (ppo_gi.py) trains the policy to minimize R_var.
+
+Standalone: infer the groups of saved rollouts (ppo_gi.py writes OUT/rollouts.jsonl) with the
+critic's group head, and print each group's soft size, mean reward and, on the built-in task, how
+the inferred groups line up with the true ones (the slide: "our method can identify simple and
+difficult groups"):
+
+    python groups.py --rollouts runs/gi_ppo/rollouts.jsonl --critic runs/gi_ppo/critic
+    python groups.py --rollouts runs/ppo/rollouts.jsonl --critic runs/reward --fit_steps 200   # fit φ here
+"""
+import argparse
+import collections
+import json
+import os
+
+import torch
+
+import data
+import plumbing
+import reward
+
+# fmt: off
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+parser.add_argument("--rollouts", default="runs/gi_ppo/rollouts.jsonl", help="JSONL of {prompt, response, reward} (ppo_gi.py writes one)")
+parser.add_argument("--critic", default="runs/gi_ppo/critic", help="critic directory (with its group head) or a reward model directory")
+parser.add_argument("--n_groups", type=int, default=2, help="M, the number of groups (when the critic has no group head yet)")
+parser.add_argument("--fit_steps", type=int, default=0, help="first fit φ here: Adam steps maximizing R_var of the rewards (0: use the head as saved)")
+parser.add_argument("--lr", type=float, default=1e-2, help="learning rate of the φ fit")
+parser.add_argument("--max_len", type=int, default=256, help="max tokens of prompt + response")
+parser.add_argument("--seed", type=int, default=1, help="seed of a new group head")
+# fmt: on
+
+
+def group_returns(per_traj, probs, reduce=None, eps=1e-8):
+    """R_g for each group: soft-weighted mean of the per-trajectory terms. per_traj [B], probs [B, M] → [M].
+    `reduce` sums the two group sums over ranks, so the means span the whole global batch."""
+    weighted, size = (probs * per_traj[:, None]).sum(0), probs.sum(0)
+    if reduce is not None:
+        weighted, size = reduce(weighted), reduce(size)
+    # R_g = Σ_i p_φ(g|x_i,y_i)·J_i / Σ_i' p_φ(g|x_i',y_i')
+    return weighted / (size + eps)
+
+
+def variance_penalty(group_returns):
+    """R_var: the population variance of the M group values (mean squared deviation from their mean)."""
+    # R_var(θ, φ) = Var(R_g1(θ), …, R_gM(θ))
+    return ((group_returns - group_returns.mean()) ** 2).mean()
+
+
+class Critic(reward.RewardModel):
+    """The reward model's backbone and head as the value function V(s_t) (one scalar per token),
+    plus the group classifier p_φ(g|x, y): a linear head on the last real token's hidden state."""
+
+    def __init__(self, hf, n_groups):
+        super().__init__(hf)
+        self.group_head = torch.nn.Linear(hf.config.hidden_size, n_groups)
+
+    def forward(self, ids, mask):
+        values, hidden = super().forward(ids, mask, return_hidden=True)
+        last = hidden[torch.arange(ids.shape[0], device=ids.device), reward.last_token_index(mask)]
+        return values, self.group_head(last).float()  # V [B, T], group logits [B, M]
+
+
+def load_critic(path, tokenizer, n_groups, seed=0):
+    """Critic from a reward model directory (new group head) or a saved critic (its head reloaded)."""
+    critic = Critic(plumbing.load_model(path, tokenizer, seed=seed, head="score"), n_groups)
+    heads = os.path.join(path, "extra_heads.pt")
+    if os.path.exists(heads):
+        state = torch.load(heads, weights_only=True)
+        if state["group_head.weight"].shape[0] != n_groups:
+            raise ValueError(f"{heads}: the group head has {state['group_head.weight'].shape[0]} groups, --n_groups is {n_groups}")
+        critic.group_head.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("group_head.")})
+    else:
+        torch.manual_seed(seed)
+        critic.group_head.reset_parameters()
+    return critic
+
+
+def high_group(rewards, probs, reduce=None):
+    """g_high: the group whose soft mean of the scalar reward is highest, recomputed every batch."""
+    return int(group_returns(rewards, probs, reduce).argmax())
+
+
+def read_rollouts(path):
+    rows = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                row = json.loads(line)
+                rows.append((row["prompt"], row["response"], float(row["reward"])))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise data.DataError(f"{path}, line {lineno}: expected JSON with prompt, response, reward ({e})") from None
+    if not rows:
+        raise data.DataError(f"{path}: no rollouts")
+    return rows
+
+
+def main(args):
+    rows = read_rollouts(args.rollouts)
+    tokenizer = plumbing.load_tokenizer(args.critic)
+    critic = load_critic(args.critic, tokenizer, args.n_groups, seed=args.seed).eval()
+    seqs = [sum(plumbing.encode(tokenizer, p, r, max_len=args.max_len), []) for p, r, _ in rows]
+    ids, mask = plumbing.pad_batch(seqs, tokenizer.pad_token_id)
+    rewards = torch.tensor([r for _, _, r in rows])
+    with torch.no_grad():
+        _, hidden = reward.RewardModel.forward(critic, ids, mask, return_hidden=True)
+        features = hidden[torch.arange(len(rows)), reward.last_token_index(mask)]
+    if args.fit_steps:  # Stage 1 alone: φ ascends R_var of the (fixed) rewards on frozen features
+        optimizer = torch.optim.Adam(critic.group_head.parameters(), lr=args.lr)
+        for _ in range(args.fit_steps):
+            r_var = variance_penalty(group_returns(rewards, critic.group_head(features).softmax(-1)))
+            (-r_var).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    with torch.no_grad():
+        probs = critic.group_head(features).softmax(-1)
+    sizes, means = probs.sum(0), group_returns(rewards, probs)
+    print(f"{len(rows)} rollouts, M = {args.n_groups}, R_var of the reward = {variance_penalty(means).item():.4f}")
+    print(f"g_high = {high_group(rewards, probs)}")
+    for g in range(args.n_groups):
+        print(f"group {g}: soft size {sizes[g].item():7.1f}   mean reward {means[g].item():+.3f}")
+    truth = [data.true_group(p) for p, _, _ in rows]
+    if set(truth) != {"other"}:
+        print("\nsoft share of each true group in each inferred group (rows: true group):")
+        print(f"{'':12s}" + "".join(f"{'group ' + str(g):>10s}" for g in range(args.n_groups)) + f"{'mean gold':>11s}")
+        by_true = collections.defaultdict(list)
+        for i, t in enumerate(truth):
+            by_true[t].append(i)
+        for t, idx in sorted(by_true.items()):
+            share = probs[idx].mean(0)
+            gold = sum(data.gold_score(rows[i][0], rows[i][1]) for i in idx) / len(idx)
+            print(f"{t:12s}" + "".join(f"{s:10.2f}" for s in share.tolist()) + f"{gold:11.3f}")
+
+
+if __name__ == "__main__":
+    main(parser.parse_args())

@@ -1,0 +1,424 @@
+"""ppo_gi.py: Stage 2 of the method (group invariant policy gradient + adaptive KL) on a PPO base.
+
+The policy θ starts from SFT, the frozen reference π^SFT too; the critic (values V and the group
+classifier p_φ of groups.py) starts from the reward model. Each iteration, numbered as the paper's
+algorithm box:
+  1. sample responses to a batch of prompts from π_θ;
+  2. score them with the reward model r_ψ (a response with no EOS gets a fixed low score);
+  3. compute log π_θ (old), log π^SFT, V(s_t) and p_φ(g|x,y) on the samples, without gradient;
+  4. token rewards: −η·p_φ(g_high|x,y)·KL_t on every response token, + the score on the last one;
+  5. GAE advantages and returns;
+  6. PPO epochs: θ descends the clipped surrogate + β_policy·R_var (φ fixed); the critic descends
+     the clipped value loss − β_critic·R_var (θ's terms detached), i.e. φ ascends R_var.
+
+Flags give the paper's baselines and ablations with the same code:
+  --no_gi          plain PPO with KL (β_policy = β_critic = 0, p_high ≡ 1)
+  --kl_coef 0      PPO without KL (the paper's "PPO", with --no_gi)
+  --fixed_kl       group invariance without the adaptive KL (p_high ≡ 1)
+  --beta_policy 0  adaptive KL without the group invariant term
+
+    python ppo_gi.py                                   # GI-PPO on the built-in task, 1 process
+    torchrun --nproc_per_node 2 ppo_gi.py              # the same on 2 CPU processes (FSDP2, gloo)
+    torchrun --nproc_per_node 8 ppo_gi.py --sft runs/sft-7b --reward runs/rm-7b \\
+        --data Anthropic/hh-rlhf --split train --lr 5e-7 --critic_lr 1.5e-6 \\
+        --rollout_batch 512 --minibatch 64 --max_new_tokens 256                         # 1 node, 8 GPUs
+    torchrun --nnodes 2 --node_rank $RANK --master_addr $HOST --master_port 29500 \\
+        --nproc_per_node 8 ppo_gi.py ...                                                  # 2 nodes
+
+Writes `--out` (default runs/gi_ppo): the policy (save_pretrained), critic/ (with the group head in
+extra_heads.pt), rollouts.jsonl (the last iteration's samples, rank 0), metrics.jsonl, checkpoint/.
+"""
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+import data
+import groups
+import plumbing
+import reward
+import sft
+
+# fmt: off
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+parser.add_argument("--sft", default="runs/sft", help="SFT directory: initial policy and frozen reference π^SFT")
+parser.add_argument("--reward", default="runs/reward", help="reward model directory (also the critic's init), or 'gold' for the built-in gold judge")
+parser.add_argument("--data", default="toy", help="data.py spec of prompts")
+parser.add_argument("--split", default="rl", help="prompt split")
+parser.add_argument("--out", default="runs/gi_ppo", help="output directory")
+parser.add_argument("--steps", type=int, default=60, help="PPO iterations (rollout + update)")
+parser.add_argument("--rollout_batch", type=int, default=64, help="prompts per iteration (all ranks together)")
+parser.add_argument("--minibatch", type=int, default=16, help="samples per PPO minibatch (all ranks together)")
+parser.add_argument("--ppo_epochs", type=int, default=1, help="passes over each rollout (MOSS-RLHF: 1)")
+parser.add_argument("--max_new_tokens", type=int, default=24, help="response length limit")
+parser.add_argument("--min_new_tokens", type=int, default=0, help="suppress EOS before this many tokens (benchmarks)")
+parser.add_argument("--max_prompt_len", type=int, default=128, help="prompts are cut from the left to this many tokens")
+parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; log-probs are recomputed with the same T")
+parser.add_argument("--lr", type=float, default=1e-4, help="policy learning rate (5e-7 at 7B)")
+parser.add_argument("--critic_lr", type=float, default=3e-4, help="critic + group head learning rate (1.5e-6 at 7B)")
+parser.add_argument("--kl_coef", type=float, default=0.05, help="η: KL penalty coefficient (0: PPO without KL)")
+parser.add_argument("--kl_estimator", choices=["k1", "k3"], default="k1", help="per-token KL estimate penalized and logged")
+parser.add_argument("--beta_policy", type=float, default=0.5, help="β_policy: weight of R_var in the policy loss")
+parser.add_argument("--beta_critic", type=float, default=1.0, help="β_critic: weight of R_var (maximized) in the critic loss")
+parser.add_argument("--n_groups", type=int, default=2, help="M, the number of inferred groups")
+parser.add_argument("--j_form", choices=["slide", "alternative"], default="slide", help="J_i: slide = Σ_t log π_θ·R_t for θ and φ; alternative = PPO ratio surrogate for θ, scalar return for φ")
+parser.add_argument("--no_gi", action="store_true", help="plain PPO: no group invariant term, p_high ≡ 1")
+parser.add_argument("--fixed_kl", action="store_true", help="keep group invariance, but p_high ≡ 1 (no adaptive KL)")
+parser.add_argument("--gamma", type=float, default=1.0, help="GAE γ")
+parser.add_argument("--lam", type=float, default=0.95, help="GAE λ")
+parser.add_argument("--cliprange", type=float, default=0.2, help="PPO ratio clip ε")
+parser.add_argument("--cliprange_value", type=float, default=0.2, help="value clip")
+parser.add_argument("--whiten_advantages", type=int, default=1, help="whiten advantages over valid tokens of the rollout, all ranks (1) or not (0)")
+parser.add_argument("--no_eos_penalty", type=float, default=-1.0, help="score (in normalized units) given to a response that never emits EOS")
+parser.add_argument("--reward_clip", type=float, default=0.0, help="clip the scaled score to ±this (0: off; PPO-max uses 0.8)")
+parser.add_argument("--eval_prompts", type=int, default=200, help="toy only: greedy-decode this many test prompts at the end and report gold scores")
+parser.add_argument("--save_every", type=int, default=20, help="checkpoint every K iterations (0: never)")
+parser.add_argument("--stop_at", type=int, default=None, help="stop after this iteration as if interrupted (for resume tests)")
+parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+parser.add_argument("--seed", type=int, default=1, help="seed for data order and sampling")
+parser.add_argument("--bf16", type=int, default=None, help="bf16 compute (default: on under CUDA)")
+parser.add_argument("--log_every", type=int, default=1, help="metrics every K iterations")
+# fmt: on
+
+
+# ----------------------------------------------------------------------------------------------
+# The algorithm's core: hand-written, each line under the equation it computes
+# ----------------------------------------------------------------------------------------------
+def gae(rewards, values, mask, gamma, lam):
+    """Generalized advantage estimation over [B, T] tensors; mask is 1 on response tokens (a
+    prefix of each row). The value after the last response token is 0. Returns (A, A + V)."""
+    values = values * mask
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(running)
+        # δ_t = r_t + γ·V(s_{t+1}) − V(s_t)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        # A_t = δ_t + γλ·A_{t+1}
+        running = delta + gamma * lam * running
+        advantages[:, t] = running
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def kl_per_token(logp, ref_logp, estimator="k1"):
+    """Per-token estimate of KL(π_θ || π^SFT) on the sampled tokens."""
+    if estimator == "k1":
+        return logp - ref_logp  # unbiased, can be negative per sample
+    log_ratio = ref_logp - logp
+    return log_ratio.exp() - 1 - log_ratio  # k3 = (ratio − 1) − log ratio, ratio = π^SFT/π_θ, ≥ 0
+
+
+def adaptive_kl_rewards(scores, kl, mask, p_high, eta):
+    """Token rewards: −η·p_φ(g_high|x,y)·KL_t on every response token, plus the score on the last
+    real response token (the EOS if the response has one). With p_high ≡ 1: the fixed-KL reward."""
+    # r_total = r_ψ(x, y) − η · p_φ(g_high|x, y) · KL(π_θ^RL(y|x) || π^SFT(y|x))
+    rewards = -eta * p_high[:, None] * kl * mask
+    last = mask.sum(-1).long() - 1
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards
+
+
+def response_mask(resp, eos_id):
+    """1 on every response token up to and including the first EOS, 0 after it (PPO_DETAILS 4)."""
+    is_eos = (resp == eos_id).long()
+    return ((is_eos.cumsum(-1) - is_eos) == 0).long()
+
+
+def masked_whiten(x, mask, d):
+    """(x − mean)/std over valid tokens of all ranks (world-size invariant)."""
+    stats = plumbing.all_reduce_sum(torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]), d)
+    mean = stats[0] / stats[2]
+    var = stats[1] / stats[2] - mean ** 2
+    return (x - mean) * torch.rsqrt(var.clamp(min=1e-8)) * mask
+
+
+def global_sum(x, d):
+    """Sum over ranks that gradients flow through (the group sums of R_g span the whole minibatch)."""
+    if not d.sharded:
+        return x
+    import torch.distributed.nn.functional as dist_fn
+    return dist_fn.all_reduce(x, op=dist.ReduceOp.SUM)
+
+
+# ----------------------------------------------------------------------------------------------
+# Boilerplate: forward passes on prompt + response, running reward scale
+# ----------------------------------------------------------------------------------------------
+class RunningStd:
+    """Running std of the scores, merged across ranks and kept across iterations (PPO_DETAILS 8)."""
+
+    def __init__(self):
+        self.count, self.mean, self.m2 = 0.0, 0.0, 0.0
+
+    def update(self, x, d):
+        s = plumbing.all_reduce_sum(torch.stack([x.new_tensor(float(len(x))), x.sum(), (x * x).sum()]).double(), d)
+        n, mean = s[0].item(), (s[1] / s[0]).item()
+        m2 = (s[2] - s[0] * mean ** 2).item()
+        delta, total = mean - self.mean, self.count + n
+        self.m2 += m2 + delta ** 2 * self.count * n / total
+        self.mean += delta * n / total
+        self.count = total
+
+    @property
+    def std(self):
+        return math.sqrt(self.m2 / max(self.count - 1, 1)) if self.count > 1 else 1.0
+
+
+def response_logprobs(model, ids, mask, prompt_len, temperature):
+    """log π(a_t|s_t) of the response tokens [B, R] and the logits used, at temperature T."""
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=plumbing.position_ids(mask)).logits
+    logits = logits[:, prompt_len - 1:-1].float() / temperature  # the same T as in sampling (PPO_DETAILS 2)
+    logp = torch.log_softmax(logits, -1)
+    return logp.gather(-1, ids[:, prompt_len:, None]).squeeze(-1), logp
+
+
+def entropy(logp, mask):
+    return (-(logp.exp() * logp).sum(-1) * mask).sum()
+
+
+def rollout(args, d, policy, reference, critic, scorer, tokenizer, prompts, it, running):
+    """Steps 1–5 of the algorithm box on this rank's prompts; returns a dict of [b, …] tensors."""
+    policy.eval()
+    t0 = time.perf_counter()
+    # 1. sample: the data order is the same on every rank, the sampling seed differs per rank
+    q_ids, q_mask, resp, texts = plumbing.generate(policy, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
+                                                   temperature=args.temperature, max_prompt_len=args.max_prompt_len,
+                                                   seed=args.seed * 100003 + it * d.world + d.rank, min_new_tokens=args.min_new_tokens)
+    t_gen = time.perf_counter() - t0
+    has_eos = (resp == tokenizer.eos_token_id).any(-1)
+    r_mask = response_mask(resp, tokenizer.eos_token_id)
+    ids = torch.cat([q_ids, resp], 1).to(d.device)
+    mask = torch.cat([q_mask, r_mask], 1).to(d.device)
+    r_mask, P = r_mask.to(d.device).float(), q_ids.shape[1]
+    with torch.no_grad():
+        # 2. score; no EOS → a fixed low score instead (PPO_DETAILS 5); scale by running std
+        if scorer == "gold":
+            raw = torch.tensor([data.gold_score(p, t) for p, t in zip(prompts, texts)], device=d.device)
+            center = 0.5
+        else:
+            raw = reward.sequence_rewards(scorer, ids, mask)
+            center = scorer.stats["mean"]
+        running.update(raw - center, d)
+        scores = (raw - center) / running.std
+        if args.reward_clip:
+            scores = scores.clamp(-args.reward_clip, args.reward_clip)
+        scores = torch.where(has_eos.to(d.device), scores, torch.full_like(scores, args.no_eos_penalty))
+        # 3. old log-probs, reference log-probs, values, group probabilities
+        logp, _ = response_logprobs(policy, ids, mask, P, args.temperature)
+        ref_logp, _ = response_logprobs(reference, ids, mask, P, args.temperature)
+        values, group_logits = critic(ids, mask)
+        values = values[:, P - 1:-1]
+        probs = group_logits.softmax(-1)
+        # g_high: the group with the highest soft mean of the scalar score, recomputed each batch
+        g_high = groups.high_group(scores, probs, reduce=lambda x: plumbing.all_reduce_sum(x, d))
+        p_high = torch.ones_like(scores) if (args.no_gi or args.fixed_kl) else probs[:, g_high]
+        # 4. token rewards with the adaptive KL penalty
+        kl = kl_per_token(logp, ref_logp, args.kl_estimator) * r_mask
+        rewards = adaptive_kl_rewards(scores, kl, r_mask, p_high, args.kl_coef)
+        # 5. advantages and returns
+        advantages, returns = gae(rewards, values, r_mask, args.gamma, args.lam)
+        if args.whiten_advantages:
+            advantages = masked_whiten(advantages, r_mask, d)
+    return dict(ids=ids, mask=mask, r_mask=r_mask, logp=logp, values=values, returns=returns, advantages=advantages,
+                probs=probs, scores=scores, raw=raw, kl=kl, rewards=rewards, p_high=p_high, g_high=g_high,
+                has_eos=has_eos.float(), texts=texts, prompts=prompts, P=P,
+                perf={"perf/gen_s": t_gen, "perf/score_s": time.perf_counter() - t0 - t_gen})
+
+
+def per_trajectory_terms(args, new_logp, batch, idx, ratio):
+    """J_i for the θ step (with gradient) and for the φ step (detached), per --j_form."""
+    r_mask = batch["r_mask"][idx]
+    if args.j_form == "slide":
+        # J_i = Σ_t log π_θ(a_t|s_t) · R_t   (R_t: the GAE return, detached)
+        j_theta = (new_logp * batch["returns"][idx] * r_mask).sum(-1)
+        return j_theta, j_theta.detach()
+    # alternative: the PPO ratio surrogate Σ_t ratio_t·A_t for θ, the scalar return Σ_t r_t for φ
+    return (ratio * batch["advantages"][idx] * r_mask).sum(-1), (batch["rewards"][idx] * r_mask).sum(-1)
+
+
+def ppo_update(args, d, policy, critic, opt_policy, opt_critic, batch, log_stats, it=0):
+    """6. PPO epochs over this rank's rollout in minibatches (each rank holds 1/world of every
+    global minibatch). Losses are per-token means over the global minibatch; R_var spans it too."""
+    gi = not args.no_gi
+    n_local = batch["ids"].shape[0]
+    n_mb = args.rollout_batch // args.minibatch
+    gen = torch.Generator().manual_seed(args.seed * 100003 + it)
+    reduce = lambda x: global_sum(x, d)  # noqa: E731
+    for epoch in range(args.ppo_epochs):
+        # epoch 0 keeps the rollout order (already a random draw of prompts): global minibatch k is
+        # then the same samples under any number of ranks. Later epochs: a fresh permutation of each
+        # rank's samples, the same on all ranks (PPO_DETAILS 14).
+        order = torch.arange(n_local) if epoch == 0 else torch.randperm(n_local, generator=gen)
+        for idx in order.chunk(n_mb):
+            ids, mask, r_mask, P = batch["ids"][idx], batch["mask"][idx], batch["r_mask"][idx], batch["P"]
+            n_tok = plumbing.all_reduce_sum(r_mask.sum().clone(), d)
+            adv, old_logp = batch["advantages"][idx], batch["logp"][idx]
+            # θ step: clipped surrogate + β_policy·R_var(θ, φ) with p_φ fixed (rollout-time, detached)
+            new_logp, logp_all = response_logprobs(policy, ids, mask, P, args.temperature)
+            ratio = (new_logp - old_logp).exp()
+            pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - args.cliprange, 1 + args.cliprange))
+            pg_loss = (pg * r_mask).sum() / n_tok
+            j_theta, j_phi = per_trajectory_terms(args, new_logp, batch, idx, ratio)
+            r_var_theta = groups.variance_penalty(groups.group_returns(j_theta, batch["probs"][idx].detach(), reduce))
+            # ∇_θ: E[Σ_t ∇ log π_θ(a_t|s_t) R_t] − β_policy · ∇_θ R_var(θ, φ)   (as a loss to descend)
+            policy_loss = pg_loss * d.world + (args.beta_policy * r_var_theta if gi else 0.0)
+            # critic step: clipped value loss − β_critic·R_var with θ's terms detached (φ ascends R_var)
+            values, group_logits = critic(ids, mask)
+            v = values[:, P - 1:-1]
+            old_v, returns = batch["values"][idx], batch["returns"][idx]
+            v_clip = old_v + (v - old_v).clamp(-args.cliprange_value, args.cliprange_value)
+            vf = 0.5 * torch.max((v - returns) ** 2, (v_clip - returns) ** 2)
+            vf_loss = (vf * r_mask).sum() / n_tok
+            r_var_phi = groups.variance_penalty(groups.group_returns(j_phi, group_logits.softmax(-1), reduce))
+            critic_loss = vf_loss * d.world - (args.beta_critic * r_var_phi if gi else 0.0)
+            for loss, model, opt in ((policy_loss, policy, opt_policy), (critic_loss, critic, opt_critic)):
+                loss.backward()
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+                if not (torch.isfinite(loss) and torch.isfinite(norm)):  # skip, log, keep going (PPO_DETAILS 18)
+                    opt.zero_grad(set_to_none=True)
+                    log_stats["skipped"] = log_stats.get("skipped", 0) + 1
+                    continue
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                sums = torch.stack([
+                    pg_loss * n_tok, vf_loss * n_tok,
+                    (0.5 * (new_logp - old_logp) ** 2 * r_mask).sum(),                        # policy/approxkl
+                    (((ratio - 1).abs() > args.cliprange).float() * r_mask).sum(),            # policy/clipfrac
+                    entropy(logp_all, r_mask),                                                 # policy/entropy
+                    (((v - old_v).abs() > args.cliprange_value).float() * r_mask).sum()])     # val/clipfrac
+                sums = plumbing.all_reduce_sum(sums, d) / n_tok
+            for k, v_ in zip(["policy/loss", "val/loss", "policy/approxkl", "policy/clipfrac", "policy/entropy", "val/clipfrac"], sums.tolist()):
+                log_stats.setdefault(k, []).append(v_)
+            log_stats.setdefault("groups/r_var_theta", []).append(r_var_theta.item())
+            log_stats.setdefault("groups/r_var_phi", []).append(r_var_phi.item())
+
+
+def iteration_metrics(args, d, batch, stats, running, tokenizer):
+    """PPO diagnostics (names as in TRL / the N+ details) plus groups/* for this method."""
+    r_mask = batch["r_mask"]
+    seq_kl = (batch["kl"] * r_mask).sum(-1)
+    rows = torch.stack([torch.ones_like(seq_kl), seq_kl, batch["raw"], batch["scores"] - args.kl_coef * batch["p_high"] * seq_kl,
+                        batch["has_eos"].to(seq_kl.device), batch["p_high"], args.kl_coef * batch["p_high"]], -1)
+    tot = plumbing.all_reduce_sum(rows.sum(0), d)
+    n = tot[0]
+    m = {"objective/kl": tot[1] / n, "objective/scores": tot[2] / n, "objective/rlhf_reward": tot[3] / n,
+         "num_eos": tot[4] / n, "groups/p_high_mean": tot[5] / n, "groups/kl_weight": tot[6] / n}
+    m = {k: v.item() for k, v in m.items()}
+    ret, val = batch["returns"], batch["values"]
+    ev = plumbing.all_reduce_sum(torch.stack([((ret - val) * r_mask).sum(), ((ret - val) ** 2 * r_mask).sum(),
+                                              (ret * r_mask).sum(), (ret ** 2 * r_mask).sum(), r_mask.sum()]), d)
+    var_err = ev[1] / ev[4] - (ev[0] / ev[4]) ** 2
+    var_ret = ev[3] / ev[4] - (ev[2] / ev[4]) ** 2
+    m["val/explained_variance"] = (1 - var_err / var_ret.clamp(min=1e-8)).item()
+    m.update({k: sum(v) / len(v) for k, v in stats.items() if isinstance(v, list)})
+    m["train/skipped"] = stats.get("skipped", 0)
+    m["objective/running_std"] = running.std
+    # groups/*: each inferred group's soft size, mean score and mean return (sequence return at t=0)
+    probs = batch["probs"]
+    sums = plumbing.all_reduce_sum(torch.cat([probs.sum(0), (probs * batch["scores"][:, None]).sum(0),
+                                              (probs * ret[:, 0:1]).sum(0)]), d).view(3, -1)
+    for g in range(args.n_groups):
+        m[f"groups/size_{g}"] = sums[0, g].item()
+        m[f"groups/score_{g}"] = (sums[1, g] / sums[0, g].clamp(min=1e-8)).item()
+        m[f"groups/return_{g}"] = (sums[2, g] / sums[0, g].clamp(min=1e-8)).item()
+    m["groups/g_high"] = batch["g_high"]
+    if args.data == "toy":  # the gold judge on the sampled responses, per true group
+        gold = torch.zeros(len(data.GROUPS), 2, device=r_mask.device)
+        for p, t in zip(batch["prompts"], batch["texts"]):
+            gold[data.GROUPS.index(data.true_group(p))] += torch.tensor([data.gold_score(p, t), 1.0], device=gold.device)
+        gold = plumbing.all_reduce_sum(gold, d)
+        m.update({f"gold/{g}": (gold[i, 0] / gold[i, 1]).item() for i, g in enumerate(data.GROUPS) if gold[i, 1] > 0})
+        m["gold/mean"] = (gold[:, 0].sum() / gold[:, 1].sum()).item()
+    return m
+
+
+def main(args):
+    d = plumbing.init_distributed()
+    if args.rollout_batch % (d.world * (args.rollout_batch // args.minibatch)) or args.rollout_batch % args.minibatch:
+        parser.error(f"--rollout_batch {args.rollout_batch} must be a multiple of --minibatch {args.minibatch}, "
+                     f"and each minibatch must split evenly over {d.world} ranks")
+    if args.reward == "gold" and args.data != "toy":
+        parser.error("--reward gold is the built-in task's judge: it needs --data toy")
+    bf16 = bool(args.bf16) if args.bf16 is not None else d.device.type == "cuda"
+    plumbing.seed_everything(args.seed)
+    ckpt = plumbing.find_checkpoint(os.path.join(args.out, "checkpoint")) if args.resume else None
+    prompts = [x["prompt"] for x in data.load_prompts(args.data, args.split)]
+    tokenizer = plumbing.load_tokenizer(args.sft)
+    policy = plumbing.load_model(os.path.join(ckpt, "policy") if ckpt else args.sft, tokenizer)
+    reference = plumbing.load_model(args.sft, tokenizer)
+    critic_source = os.path.join(ckpt, "critic") if ckpt else (args.sft if args.reward == "gold" else args.reward)
+    critic = groups.load_critic(critic_source, tokenizer, args.n_groups, seed=args.seed)
+    if args.reward == "gold":
+        scorer = "gold"
+    else:
+        scorer = reward.load_reward_model(args.reward, tokenizer)
+        with open(os.path.join(args.reward, "reward_stats.json")) as f:
+            scorer.stats = json.load(f)
+    # dropout off everywhere (PPO_DETAILS 1): every model stays in eval mode, gradients still flow
+    for model in (policy, reference, critic) + ((scorer,) if scorer != "gold" else ()):
+        model.eval()
+        plumbing.shard(model, d, bf16=bf16)
+    reference.requires_grad_(False)
+    if scorer != "gold":
+        scorer.requires_grad_(False)
+    opt_policy = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    opt_critic = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    models, optimizers = {"policy": policy, "critic": critic}, {"policy": opt_policy, "critic": opt_critic}
+    running, first = RunningStd(), 0
+    if ckpt:
+        state = plumbing.load_optimizer_state(ckpt, models, optimizers, d)
+        first, running.__dict__ = state["step"], state["running"]
+    log = plumbing.MetricsLog(os.path.join(args.out, "metrics.jsonl"), d, resume=ckpt is not None)
+    if d.main:
+        variant = "PPO" + (" w/o KL" if args.kl_coef == 0 else " w/ KL") if args.no_gi else \
+            "GI-PPO" + (" (fixed KL)" if args.fixed_kl else "") + (" (β_policy = 0)" if args.beta_policy == 0 else "")
+        print(f"ppo_gi: {variant} from {args.sft} with reward {args.reward} on {args.data}/{args.split} "
+              f"({len(prompts)} prompts), {d.world} process(es), iterations {first}..{args.steps}")
+
+    bar = plumbing.progress(range(first, args.steps), d, initial=first, total=args.steps, desc="ppo")
+    for it in bar:
+        idx = plumbing.batch_indices(it, args.rollout_batch, len(prompts), args.seed)
+        batch = rollout(args, d, policy, reference, critic, scorer, tokenizer, [prompts[i] for i in idx[d.rank::d.world]], it, running)
+        stats, t_train = {}, time.perf_counter()
+        ppo_update(args, d, policy, critic, opt_policy, opt_critic, batch, stats, it)
+        perf = {**batch["perf"], "perf/train_s": time.perf_counter() - t_train, "perf/peak_rss_mb": plumbing.peak_rss_mb()}
+        perf["perf/step_s"] = perf["perf/gen_s"] + perf["perf/score_s"] + perf["perf/train_s"]
+        if (it + 1) % args.log_every == 0 or it == first:
+            m = iteration_metrics(args, d, batch, stats, running, tokenizer)
+            log.log(it + 1, {**m, **perf, "lr": args.lr})
+            bar.set_postfix(score=f"{m['objective/scores']:.3f}", kl=f"{m['objective/kl']:.3f}")
+        if args.save_every and ((it + 1) % args.save_every == 0 or it + 1 in (args.steps, args.stop_at)):
+            plumbing.save_checkpoint(os.path.join(args.out, "checkpoint"), models, optimizers, tokenizer,
+                                     {"step": it + 1, "running": dict(running.__dict__)}, d)
+        if it + 1 == args.stop_at:
+            if d.main:
+                print(f"ppo_gi: stopped at iteration {it + 1} (--stop_at); continue with --resume")
+            plumbing.close_distributed(d)
+            return
+    if d.main:
+        with open(os.path.join(args.out, "rollouts.jsonl"), "w") as f:
+            for p, t, s in zip(batch["prompts"], batch["texts"], batch["raw"].tolist()):
+                f.write(json.dumps({"prompt": p, "response": t, "reward": s}) + "\n")
+    if args.data == "toy" and args.eval_prompts:
+        test = [x["prompt"] for x in data.load_prompts("toy", f"test[:{args.eval_prompts}]")]
+        gold = sft.gold_by_group(policy, tokenizer, test, d)
+        summary = {**{f"eval/gold/{g}": v for g, v in gold.items()}, "eval/gold_mean": sum(gold.values()) / len(gold)}
+        log.log(args.steps, summary)
+        if d.main:
+            print("ppo_gi: greedy gold on test: " + "  ".join(f"{k[10:]}={v:.3f}" for k, v in summary.items()))
+    plumbing.save_model(policy, tokenizer, args.out, d, extra={"ppo_args.json": vars(args)})
+    plumbing.save_model(critic, tokenizer, os.path.join(args.out, "critic"), d)
+    if d.main:
+        print(f"ppo_gi: saved {args.out} (policy) and {args.out}/critic")
+    log.close()
+    plumbing.close_distributed(d)
+
+
+if __name__ == "__main__":
+    main(parser.parse_args())

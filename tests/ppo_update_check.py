@@ -1,0 +1,40 @@
+"""One PPO update, run as `python` or under `torchrun`: the rollout is built before any process
+group exists (identical on every rank), each rank updates on its share, rank 0 saves the result.
+Used by tests/test_ppo_gi.py to compare 2 processes with 1."""
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+import groups  # noqa: E402
+import plumbing  # noqa: E402
+import ppo_gi  # noqa: E402
+
+sft_dir, out = sys.argv[1], sys.argv[2]
+args = ppo_gi.parser.parse_args(["--sft", sft_dir, "--reward", "gold", "--rollout_batch", "8", "--minibatch", "4",
+                                 "--ppo_epochs", "1", "--max_new_tokens", "8", "--beta_policy", "1.0"])
+tok = plumbing.load_tokenizer(sft_dir)
+policy, reference = plumbing.load_model(sft_dir, tok).eval(), plumbing.load_model(sft_dir, tok).eval()
+critic = groups.load_critic(sft_dir, tok, 2, seed=0).eval()
+prompts = [x["prompt"] for x in data.load_prompts("toy", "rl[:8]")]
+batch = ppo_gi.rollout(args, plumbing.Dist(), policy, reference, critic, "gold", tok, prompts, 0, ppo_gi.RunningStd())
+
+d = plumbing.init_distributed()
+for m in (policy, critic):
+    plumbing.shard(m, d)
+mine = torch.arange(8)[d.rank::d.world]
+share = {k: (v[mine] if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in batch.items()}
+opt_p = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+opt_c = torch.optim.AdamW(critic.parameters(), lr=1e-3)
+stats = {}
+ppo_gi.ppo_update(args, d, policy, critic, opt_p, opt_c, share, stats)
+state = {f"policy.{k}": v for k, v in plumbing._full_model_state(policy, d).items()}
+state.update({f"critic.{k}": v for k, v in plumbing._full_model_state(critic, d).items()})
+if d.main:
+    torch.save(state, os.path.join(out, "state.pt"))
+    with open(os.path.join(out, "stats.json"), "w") as f:
+        json.dump(stats, f)
+plumbing.close_distributed(d)
