@@ -451,3 +451,14 @@ def split_heldout(records, fraction, seed=0):
     n = max(1, int(len(records) * fraction))
     held = set(order[:n])
     return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
+
+
+def train_and_heldout(load, spec, split, eval_split=None, seed=0, fraction=0.05):
+    """(train, held-out) records for a stage, via `load` (load_demos or load_pairs): `eval_split`
+    if given; on the built-in task its 'test' split; otherwise a fixed 5% carved from `split`."""
+    train = load(spec, split)
+    if eval_split:
+        return train, load(spec, eval_split)
+    if spec == "toy":
+        return train, load("toy", "test")
+    return split_heldout(train, fraction, seed)

@@ -83,13 +83,7 @@ def heldout_metrics(policy, reference, examples, pad_id, beta, d, batch_size=64)
 
 def main(args):
     d, ckpt = plumbing.start(args, parser)
-    train = data.load_pairs(args.data, args.split)
-    if args.eval_split:
-        heldout = data.load_pairs(args.data, args.eval_split)
-    elif args.data == "toy":
-        heldout = data.load_pairs("toy", "test")
-    else:
-        train, heldout = data.split_heldout(train, 0.05, seed=args.seed)
+    train, heldout = data.train_and_heldout(data.load_pairs, args.data, args.split, args.eval_split, seed=args.seed)
     source = os.path.join(ckpt, "model") if ckpt else args.sft
     tokenizer = plumbing.load_tokenizer(source)
     policy = plumbing.shard(plumbing.load_model(source, tokenizer, seed=args.seed), d, bf16=args.bf16)

@@ -62,7 +62,7 @@ parser.add_argument("--lr", type=float, default=1e-4, help="policy learning rate
 parser.add_argument("--critic_lr", type=float, default=3e-4, help="critic + group head learning rate (1.5e-6 at 7B)")
 parser.add_argument("--kl_coef", type=float, default=0.05, help="η: KL penalty coefficient (0: PPO without KL)")
 parser.add_argument("--kl_estimator", choices=["k1", "k3"], default="k1", help="per-token KL estimate penalized and logged")
-parser.add_argument("--beta_policy", type=float, default=0.5, help="β_policy: weight of R_var in the policy loss")
+parser.add_argument("--beta_policy", type=float, default=0.01, help="β_policy: weight of R_var in the policy loss (chosen by the sweep in the README)")
 parser.add_argument("--beta_critic", type=float, default=1.0, help="β_critic: weight of R_var (maximized) in the critic loss")
 parser.add_argument("--n_groups", type=int, default=2, help="M, the number of inferred groups")
 parser.add_argument("--j_form", choices=["slide", "alternative"], default="slide", help="J_i: slide = Σ_t log π_θ·R_t for θ and φ; alternative = PPO ratio surrogate for θ, scalar return for φ")

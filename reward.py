@@ -144,13 +144,7 @@ def heldout_metrics(model, examples, pairs, pad_id, d):
 
 def main(args):
     d, ckpt = plumbing.start(args, parser)
-    train = data.load_pairs(args.data, args.split)
-    if args.eval_split:
-        heldout = data.load_pairs(args.data, args.eval_split)
-    elif args.data == "toy":
-        heldout = data.load_pairs("toy", "test")
-    else:
-        train, heldout = data.split_heldout(train, 0.05, seed=args.seed)
+    train, heldout = data.train_and_heldout(data.load_pairs, args.data, args.split, args.eval_split, seed=args.seed)
     source = os.path.join(ckpt, "model") if ckpt else args.sft
     tokenizer = plumbing.load_tokenizer(source)
     model = plumbing.shard(load_reward_model(source, tokenizer, seed=args.seed), d, bf16=args.bf16)

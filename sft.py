@@ -100,13 +100,7 @@ def gold_by_group(model, tokenizer, prompts, d, batch_size=50, max_new_tokens=24
 
 def main(args):
     d, ckpt = plumbing.start(args, parser)
-    train = data.load_demos(args.data, args.split)
-    if args.eval_split:
-        heldout = data.load_demos(args.data, args.eval_split)
-    elif args.data == "toy":
-        heldout = data.load_demos("toy", "test")
-    else:
-        train, heldout = data.split_heldout(train, 0.05, seed=args.seed)
+    train, heldout = data.train_and_heldout(data.load_demos, args.data, args.split, args.eval_split, seed=args.seed)
 
     source = os.path.join(ckpt, "model") if ckpt else args.model
     tokenizer = plumbing.load_tokenizer(source, texts=[x["prompt"] + x["response"] for x in train])
