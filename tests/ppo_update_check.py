@@ -1,6 +1,7 @@
 """One PPO update, run as `python` or under `torchrun`: the rollout is built before any process
 group exists (identical on every rank), each rank updates on its share, rank 0 saves the result.
-Used by tests/test_ppo_gi.py to compare 2 processes with 1."""
+It also saves greedy generations from the (sharded) policy. Used by tests/test_ppo_gi.py to
+compare 2 processes with 1."""
 import json
 import os
 import sys
@@ -25,6 +26,8 @@ batch = ppo_gi.rollout(args, plumbing.Dist(), policy, reference, critic, "gold",
 d = plumbing.init_distributed()
 for m in (policy, critic):
     plumbing.shard(m, d)
+# greedy generation on the sharded model (PPO_DETAILS 16): compared with the unsharded run by the test
+generated = plumbing.generate(policy, tok, prompts[:6], max_new_tokens=8)[3]
 mine = torch.arange(8)[d.rank::d.world]
 share = {k: (v[mine] if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in batch.items()}
 opt_p = torch.optim.AdamW(policy.parameters(), lr=1e-3)
@@ -36,5 +39,5 @@ state.update({f"critic.{k}": v for k, v in plumbing._full_model_state(critic, d)
 if d.main:
     torch.save(state, os.path.join(out, "state.pt"))
     with open(os.path.join(out, "stats.json"), "w") as f:
-        json.dump(stats, f)
+        json.dump({**stats, "generated": generated}, f)
 plumbing.close_distributed(d)

@@ -135,8 +135,24 @@ def test_one_ppo_update_under_torchrun_equals_one_process(toy_sft_dir, tmp_path)
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst < 3e-5, worst
     sa, sb = json.load(open(one / "stats.json")), json.load(open(two / "stats.json"))
+    assert sa["generated"] == sb["generated"]  # sharded and unsharded generation agree (PPO_DETAILS 16)
     for k in ("policy/loss", "val/loss", "groups/r_var_theta", "groups/r_var_phi"):
         assert sa[k] == pytest.approx(sb[k], rel=1e-4, abs=1e-6), k
+
+
+def test_left_padded_batched_generation_equals_one_prompt_at_a_time(toy_sft_dir):
+    """Position ids from the attention mask make left padding invisible (PPO_DETAILS 3)."""
+    tok = plumbing.load_tokenizer(toy_sft_dir)
+    model = plumbing.load_model(toy_sft_dir, tok).eval()
+    prompts = [x["prompt"] for x in data.load_prompts("toy", "test[:10]")]  # lengths differ: padding
+    _, mask, resp, batched = plumbing.generate(model, tok, prompts, max_new_tokens=10)
+    assert (mask == 0).any()
+    alone = [plumbing.generate(model, tok, [p], max_new_tokens=10)[3][0] for p in prompts]
+    assert batched == alone
+    eos_rows = (resp == tok.eos_token_id).any(-1)
+    for row in resp[eos_rows]:  # everything after the first EOS is pad (PPO_DETAILS 4)
+        first = (row == tok.eos_token_id).nonzero()[0, 0]
+        assert (row[first + 1:] == tok.pad_token_id).all()
 
 
 PPO_SHORT = ["--reward", "gold", "--rollout_batch", "16", "--minibatch", "8", "--max_new_tokens", "12", "--eval_prompts", "0"]
