@@ -198,10 +198,10 @@ def rollout(args, d, policy, reference, critic, scorer, tokenizer, prompts, it, 
         # 2. score; no EOS → a fixed low score instead (PPO_DETAILS 5); scale by running std
         if scorer == "gold":
             raw = torch.tensor([data.gold_score(p, t) for p, t in zip(prompts, texts)], device=d.device)
-            center = 0.5
+            center = 0.5  # gold scores lie in [0, 1]
         else:
             raw = reward.sequence_rewards(scorer, ids, mask)
-            center = scorer.stats["mean"]
+            center = scorer.stats["mean"]  # the RM's mean score on its training pairs (reward_stats.json)
         running.update(raw - center, d)
         scores = (raw - center) / running.std
         if args.reward_clip:
