@@ -299,7 +299,7 @@ def ppo_update(args, d, policy, critic, opt_policy, opt_critic, batch, log_stats
             log_stats.setdefault("groups/r_var_phi", []).append(r_var_phi.item())
 
 
-def iteration_metrics(args, d, batch, stats, running, tokenizer):
+def iteration_metrics(args, d, batch, stats, running):
     """PPO diagnostics (names as in TRL / the N+ details) plus groups/* for this method."""
     r_mask = batch["r_mask"]
     seq_kl = (batch["kl"] * r_mask).sum(-1)
@@ -390,7 +390,7 @@ def main(args):
         perf = {**batch["perf"], "perf/train_s": time.perf_counter() - t_train, "perf/peak_rss_mb": plumbing.peak_rss_mb()}
         perf["perf/step_s"] = perf["perf/gen_s"] + perf["perf/score_s"] + perf["perf/train_s"]
         if (it + 1) % args.log_every == 0 or it == first:
-            m = iteration_metrics(args, d, batch, stats, running, tokenizer)
+            m = iteration_metrics(args, d, batch, stats, running)
             log.log(it + 1, {**m, **perf, "lr": args.lr})
             bar.set_postfix(score=f"{m['objective/scores']:.3f}", kl=f"{m['objective/kl']:.3f}")
         if args.save_every and ((it + 1) % args.save_every == 0 or it + 1 in (args.steps, args.stop_at)):
