@@ -16,7 +16,6 @@ is β·(log π_θ − log π_ref), logged as rewards/chosen and rewards/rejected
 Writes `--out` (default runs/dpo): the policy (save_pretrained), metrics.jsonl, checkpoint/.
 """
 import argparse
-import math
 import os
 
 import torch
@@ -67,10 +66,8 @@ def pair_stats(pi_c, pi_r, ref_c, ref_r, beta, prefix):
 def heldout_metrics(policy, reference, examples, pad_id, beta, d, batch_size=64):
     """The same diagnostics on held-out pairs, averaged over all of them (all ranks)."""
     policy.eval()
-    mine = examples[d.rank::d.world]
-    n_batches = math.ceil(math.ceil(len(examples) / d.world) / batch_size)  # the same on every rank
     sums = None
-    for chunk in plumbing.equal_chunks(mine, n_batches, batch_size):
+    for chunk in plumbing.rank_chunks(examples, d, batch_size):
         weight = 1.0 if chunk else 0.0
         pi = pair_logprobs(policy, chunk or examples[:1], pad_id, d.device)
         ref = pair_logprobs(reference, chunk or examples[:1], pad_id, d.device)

@@ -498,6 +498,13 @@ def equal_chunks(items, n_chunks, size=None):
     return [items[i * size:(i + 1) * size] for i in range(n_chunks)]
 
 
+def rank_chunks(items, d, batch_size):
+    """This rank's share of `items` (every world-th) in chunks of `batch_size`. Every rank gets the
+    same number of chunks, some possibly empty, because FSDP forwards are collective."""
+    n_chunks = math.ceil(math.ceil(len(items) / d.world) / batch_size)
+    return equal_chunks(items[d.rank::d.world], n_chunks, batch_size)
+
+
 def supervised_loop(args, d, model, optimizer, tokenizer, examples, micro_loss, batch_weight, evaluate, log, first_step, name):
     """Optimizer steps first_step..args.steps. Each step takes the global batch (the same on every
     rank), gives this rank its share in --grad_accum micro-batches, and back-propagates

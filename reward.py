@@ -77,10 +77,10 @@ def load_reward_model(path, tokenizer, seed=0):
     return RewardModel(plumbing.load_model(path, tokenizer, seed=seed, head="score"))
 
 
-def pair_batch(examples, pad_id, left=False):
+def pair_batch(examples, pad_id):
     """Chosen sequences first, then rejected: ids and mask of shape [2B, T]."""
     seqs = [p + c for p, c, _, _ in examples] + [p + r for _, _, p, r in examples]
-    return plumbing.pad_batch(seqs, pad_id, left=left)
+    return plumbing.pad_batch(seqs, pad_id)
 
 
 @torch.no_grad()

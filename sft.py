@@ -17,7 +17,6 @@ Writes `--out` (default runs/sft): the model and tokenizer (save_pretrained), me
 and checkpoint/ (every --save_every steps; --resume continues from it to the same result).
 """
 import argparse
-import math
 import os
 
 import torch
@@ -71,10 +70,8 @@ def response_nll(model, ids, mask, loss_mask):
 def heldout_loss(model, examples, pad_id, d, batch_size=64):
     """Per-token NLL on held-out examples, summed over ranks. Padding chunks carry weight 0."""
     model.eval()
-    mine = examples[d.rank::d.world]
-    n_batches = math.ceil(math.ceil(len(examples) / d.world) / batch_size)
     total = torch.zeros(2)
-    for chunk in plumbing.equal_chunks(mine, n_batches, batch_size):
+    for chunk in plumbing.rank_chunks(examples, d, batch_size):
         weight = 1.0 if chunk else 0.0
         ids, mask, lm = make_batch(chunk or examples[:1], pad_id)
         nll, n = response_nll(model, ids.to(d.device), mask.to(d.device), lm.to(d.device))
@@ -87,10 +84,8 @@ def heldout_loss(model, examples, pad_id, d, batch_size=64):
 def gold_by_group(model, tokenizer, prompts, d, batch_size=50, max_new_tokens=24):
     """Greedy responses to built-in-task prompts, scored by the gold judge: mean per true group."""
     model.eval()
-    mine = prompts[d.rank::d.world]
     sums = {g: torch.zeros(2) for g in data.GROUPS}
-    n_batches = math.ceil(math.ceil(len(prompts) / d.world) / batch_size)  # the same on every rank
-    for chunk in plumbing.equal_chunks(mine, n_batches, batch_size):
+    for chunk in plumbing.rank_chunks(prompts, d, batch_size):
         texts = plumbing.generate(model, tokenizer, chunk or prompts[:1], max_new_tokens=max_new_tokens)[3]
         for prompt, text in zip(chunk, texts):
             sums[data.true_group(prompt)] += torch.tensor([data.gold_score(prompt, text), 1.0])
