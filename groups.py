@@ -9,7 +9,11 @@ softmax over M) is trained to MAXIMIZE the variance of performance across the gr
 
 With hard 0/1 probabilities R_g is the slide's indicator form. Soft probabilities replace the
 indicator (as in EIIL); normalizing by the soft group size (not by N) keeps φ from winning by
-putting every positive J_i in one group. Stage 2 (ppo_gi.py) trains the policy to minimize R_var.
+putting every positive J_i in one group. It does not stop φ from isolating a single extreme sample:
+a near-empty group whose mean is the batch's largest J_i maximizes the variance, and p_φ(g_high)
+then collapses. Our remedy (not in the paper; `--min_group_frac`, 0 turns it off): a group counts
+at least n_min = min_group_frac · B / M samples in the denominator, so a tiny group's R_g shrinks
+towards 0 and φ gains nothing by emptying it. Stage 2 (ppo_gi.py) trains the policy to minimize R_var.
 
 Standalone: infer the groups of saved rollouts (ppo_gi.py writes OUT/rollouts.jsonl) with the
 critic's group head, and print each group's soft size, mean reward and, on the built-in task, how
@@ -36,20 +40,22 @@ parser.add_argument("--rollouts", default="runs/gi_ppo/rollouts.jsonl", help="JS
 parser.add_argument("--critic", default="runs/gi_ppo/critic", help="critic directory (with its group head) or a reward model directory")
 parser.add_argument("--n_groups", type=int, default=2, help="M, the number of groups (when the critic has no group head yet)")
 parser.add_argument("--fit_steps", type=int, default=0, help="first fit φ here: Adam steps maximizing R_var of the rewards (0: use the head as saved)")
+parser.add_argument("--min_group_frac", type=float, default=0.5, help="n_min = this · B / M: the least soft size a group's mean is divided by (0: the raw soft mean)")
 parser.add_argument("--lr", type=float, default=1e-2, help="learning rate of the φ fit")
 parser.add_argument("--max_len", type=int, default=256, help="max tokens of prompt + response")
 parser.add_argument("--seed", type=int, default=1, help="seed of a new group head")
 # fmt: on
 
 
-def group_returns(per_traj, probs, reduce=None, eps=1e-8):
+def group_returns(per_traj, probs, reduce=None, min_size=0.0, eps=1e-8):
     """R_g for each group: soft-weighted mean of the per-trajectory terms. per_traj [B], probs [B, M] → [M].
-    `reduce` sums the two group sums over ranks, so the means span the whole global batch."""
+    `reduce` sums the two group sums over ranks, so the means span the whole global batch.
+    `min_size` n_min: a group smaller than n_min is divided by n_min instead (see below)."""
     weighted, size = (probs * per_traj[:, None]).sum(0), probs.sum(0)
     if reduce is not None:
         weighted, size = reduce(weighted), reduce(size)
-    # R_g = Σ_i p_φ(g|x_i,y_i)·J_i / Σ_i' p_φ(g|x_i',y_i')
-    return weighted / (size + eps)
+    # R_g = Σ_i p_φ(g|x_i,y_i)·J_i / max(Σ_i' p_φ(g|x_i',y_i'), n_min)
+    return weighted / (size.clamp(min=min_size) + eps)
 
 
 def variance_penalty(group_returns):
@@ -87,9 +93,9 @@ def load_critic(path, tokenizer, n_groups, seed=0):
     return critic
 
 
-def high_group(rewards, probs, reduce=None):
+def high_group(rewards, probs, reduce=None, min_size=0.0):
     """g_high: the group whose soft mean of the scalar reward is highest, recomputed every batch."""
-    return int(group_returns(rewards, probs, reduce).argmax())
+    return int(group_returns(rewards, probs, reduce, min_size).argmax())
 
 
 def read_rollouts(path):
@@ -113,13 +119,14 @@ def main(args):
     seqs = [sum(plumbing.encode(tokenizer, p, r, max_len=args.max_len), []) for p, r, _ in rows]
     ids, mask = plumbing.pad_batch(seqs, tokenizer.pad_token_id)
     rewards = torch.tensor([r for _, _, r in rows])
+    n_min = args.min_group_frac * len(rows) / args.n_groups
     with torch.no_grad():
         _, hidden = reward.RewardModel.forward(critic, ids, mask, return_hidden=True)
         features = hidden[torch.arange(len(rows)), reward.last_token_index(mask)]
     if args.fit_steps:  # Stage 1 alone: φ ascends R_var of the (fixed) rewards on frozen features
         optimizer = torch.optim.Adam(critic.group_head.parameters(), lr=args.lr)
         for _ in range(args.fit_steps):
-            r_var = variance_penalty(group_returns(rewards, critic.group_head(features).softmax(-1)))
+            r_var = variance_penalty(group_returns(rewards, critic.group_head(features).softmax(-1), min_size=n_min))
             (-r_var).backward()
             optimizer.step()
             optimizer.zero_grad()
@@ -127,7 +134,7 @@ def main(args):
         probs = critic.group_head(features).softmax(-1)
     sizes, means = probs.sum(0), group_returns(rewards, probs)
     print(f"{len(rows)} rollouts, M = {args.n_groups}, R_var of the reward = {variance_penalty(means).item():.4f}")
-    print(f"g_high = {high_group(rewards, probs)}")
+    print(f"g_high = {high_group(rewards, probs, min_size=n_min)}")
     for g in range(args.n_groups):
         print(f"group {g}: soft size {sizes[g].item():7.1f}   mean reward {means[g].item():+.3f}")
     truth = [data.true_group(p) for p, _, _ in rows]

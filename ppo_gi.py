@@ -65,6 +65,7 @@ parser.add_argument("--kl_estimator", choices=["k1", "k3"], default="k1", help="
 parser.add_argument("--beta_policy", type=float, default=0.01, help="β_policy: weight of R_var in the policy loss (chosen by the sweep in the README)")
 parser.add_argument("--beta_critic", type=float, default=1.0, help="β_critic: weight of R_var (maximized) in the critic loss")
 parser.add_argument("--n_groups", type=int, default=2, help="M, the number of inferred groups")
+parser.add_argument("--min_group_frac", type=float, default=0.5, help="a group's mean divides by at least this · batch / M samples, so φ cannot isolate one outlier (0: the slide's raw soft mean)")
 parser.add_argument("--j_form", choices=["slide", "alternative"], default="slide", help="J_i: slide = Σ_t log π_θ·R_t for θ and φ; alternative = PPO ratio surrogate for θ, scalar return for φ")
 parser.add_argument("--no_gi", action="store_true", help="plain PPO: no group invariant term, p_high ≡ 1")
 parser.add_argument("--fixed_kl", action="store_true", help="keep group invariance, but p_high ≡ 1 (no adaptive KL)")
@@ -169,15 +170,19 @@ class RunningStd:
 
 
 def response_logprobs(model, ids, mask, prompt_len, temperature):
-    """log π(a_t|s_t) of the response tokens [B, R] and the logits used, at temperature T."""
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=plumbing.position_ids(mask)).logits
-    logits = logits[:, prompt_len - 1:-1].float() / temperature  # the same T as in sampling (PPO_DETAILS 2)
-    logp = torch.log_softmax(logits, -1)
-    return logp.gather(-1, ids[:, prompt_len:, None]).squeeze(-1), logp
-
-
-def entropy(logp, mask):
-    return (-(logp.exp() * logp).sum(-1) * mask).sum()
+    """log π(a_t|s_t) of the response tokens [B, R] at temperature T, and the per-token entropy
+    [B, R] (no gradient, for logging). Only the response positions' logits are computed."""
+    n_resp = ids.shape[1] - prompt_len
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=plumbing.position_ids(mask),
+                   logits_to_keep=n_resp + 1).logits[:, :-1].float()
+    if temperature != 1.0:
+        logits = logits / temperature  # the same T as in sampling (PPO_DETAILS 2)
+    # log π(a|s) = logit_a − log Σ_a' exp(logit_a'), without materializing the full log-softmax
+    lse = logits.logsumexp(-1)
+    logp = logits.gather(-1, ids[:, prompt_len:, None]).squeeze(-1) - lse
+    with torch.no_grad():
+        ent = lse - (logits.softmax(-1) * logits).sum(-1)
+    return logp, ent
 
 
 def rollout(args, d, policy, reference, critic, scorer, tokenizer, prompts, it, running):
@@ -214,7 +219,7 @@ def rollout(args, d, policy, reference, critic, scorer, tokenizer, prompts, it, 
         values = values[:, P - 1:-1]
         probs = group_logits.softmax(-1)
         # g_high: the group with the highest soft mean of the scalar score, recomputed each batch
-        g_high = groups.high_group(scores, probs, reduce=lambda x: plumbing.all_reduce_sum(x, d))
+        g_high = groups.high_group(scores, probs, lambda x: plumbing.all_reduce_sum(x, d), args.min_group_frac * args.rollout_batch / args.n_groups)
         p_high = torch.ones_like(scores) if (args.no_gi or args.fixed_kl) else probs[:, g_high]
         # 4. token rewards with the adaptive KL penalty
         kl = kl_per_token(logp, ref_logp, args.kl_estimator) * r_mask
@@ -248,6 +253,7 @@ def ppo_update(args, d, policy, critic, opt_policy, opt_critic, batch, log_stats
     n_mb = args.rollout_batch // args.minibatch
     gen = torch.Generator().manual_seed(args.seed * 100003 + it)
     reduce = lambda x: global_sum(x, d)  # noqa: E731
+    n_min = args.min_group_frac * args.minibatch / args.n_groups  # groups.py: the least size of a group
     for epoch in range(args.ppo_epochs):
         # epoch 0 keeps the rollout order (already a random draw of prompts): global minibatch k is
         # then the same samples under any number of ranks. Later epochs: a fresh permutation of each
@@ -258,12 +264,12 @@ def ppo_update(args, d, policy, critic, opt_policy, opt_critic, batch, log_stats
             n_tok = plumbing.all_reduce_sum(r_mask.sum().clone(), d)
             adv, old_logp = batch["advantages"][idx], batch["logp"][idx]
             # θ step: clipped surrogate + β_policy·R_var(θ, φ) with p_φ fixed (rollout-time, detached)
-            new_logp, logp_all = response_logprobs(policy, ids, mask, P, args.temperature)
+            new_logp, ent = response_logprobs(policy, ids, mask, P, args.temperature)
             ratio = (new_logp - old_logp).exp()
             pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - args.cliprange, 1 + args.cliprange))
             pg_loss = (pg * r_mask).sum() / n_tok
             j_theta, j_phi = per_trajectory_terms(args, new_logp, batch, idx, ratio)
-            r_var_theta = groups.variance_penalty(groups.group_returns(j_theta, batch["probs"][idx].detach(), reduce))
+            r_var_theta = groups.variance_penalty(groups.group_returns(j_theta, batch["probs"][idx].detach(), reduce, n_min))
             # ∇_θ: E[Σ_t ∇ log π_θ(a_t|s_t) R_t] − β_policy · ∇_θ R_var(θ, φ)   (as a loss to descend)
             policy_loss = pg_loss * d.world + (args.beta_policy * r_var_theta if gi else 0.0)
             # critic step: clipped value loss − β_critic·R_var with θ's terms detached (φ ascends R_var)
@@ -273,7 +279,7 @@ def ppo_update(args, d, policy, critic, opt_policy, opt_critic, batch, log_stats
             v_clip = old_v + (v - old_v).clamp(-args.cliprange_value, args.cliprange_value)
             vf = 0.5 * torch.max((v - returns) ** 2, (v_clip - returns) ** 2)
             vf_loss = (vf * r_mask).sum() / n_tok
-            r_var_phi = groups.variance_penalty(groups.group_returns(j_phi, group_logits.softmax(-1), reduce))
+            r_var_phi = groups.variance_penalty(groups.group_returns(j_phi, group_logits.softmax(-1), reduce, n_min))
             critic_loss = vf_loss * d.world - (args.beta_critic * r_var_phi if gi else 0.0)
             for loss, model, opt in ((policy_loss, policy, opt_policy), (critic_loss, critic, opt_critic)):
                 loss.backward()
@@ -290,7 +296,7 @@ def ppo_update(args, d, policy, critic, opt_policy, opt_critic, batch, log_stats
                     pg_loss * n_tok, vf_loss * n_tok,
                     (0.5 * (new_logp - old_logp) ** 2 * r_mask).sum(),                        # policy/approxkl
                     (((ratio - 1).abs() > args.cliprange).float() * r_mask).sum(),            # policy/clipfrac
-                    entropy(logp_all, r_mask),                                                 # policy/entropy
+                    (ent * r_mask).sum(),                                                      # policy/entropy
                     (((v - old_v).abs() > args.cliprange_value).float() * r_mask).sum()])     # val/clipfrac
                 sums = plumbing.all_reduce_sum(sums, d) / n_tok
             for k, v_ in zip(["policy/loss", "val/loss", "policy/approxkl", "policy/clipfrac", "policy/entropy", "val/clipfrac"], sums.tolist()):
@@ -339,6 +345,7 @@ def iteration_metrics(args, d, batch, stats, running):
 
 
 def main(args):
+    plumbing.fix_malloc_threshold()  # peak RSS vs speed: see its docstring
     d = plumbing.init_distributed()
     if args.rollout_batch % (d.world * (args.rollout_batch // args.minibatch)) or args.rollout_batch % args.minibatch:
         parser.error(f"--rollout_batch {args.rollout_batch} must be a multiple of --minibatch {args.minibatch}, "
