@@ -43,21 +43,6 @@ class Dist:
         return self.world > 1
 
 
-def fix_malloc_threshold(nbytes=128 * 1024):
-    """Keep glibc's mmap threshold at its initial 128 KiB. glibc raises it each time a large block
-    is freed; later logits-sized tensors then come from the heap and stay resident after they are
-    freed, and a PPO process grows by ~100 MB over its first iterations. Fixed, every large tensor
-    is mmapped and returned on free: peak RSS −40 MB on bench/ppo_step.py, at the cost of fresh
-    page faults (its step time 0.19 → 0.28 s; training stages would lose half their speed, so
-    only ppo_gi.py calls this). A no-op where libc is not glibc, or when MALLOC_MMAP_THRESHOLD_ is set."""
-    if sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        import ctypes
-        try:
-            ctypes.CDLL("libc.so.6").mallopt(-3, nbytes)  # M_MMAP_THRESHOLD = -3
-        except (OSError, AttributeError):
-            pass
-
-
 def init_distributed():
     """One process: nothing to set up. Under torchrun: a process group and a 1-D device mesh."""
     if "RANK" not in os.environ:

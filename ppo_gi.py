@@ -345,7 +345,6 @@ def iteration_metrics(args, d, batch, stats, running):
 
 
 def main(args):
-    plumbing.fix_malloc_threshold()  # peak RSS vs speed: see its docstring
     d = plumbing.init_distributed()
     if args.rollout_batch % (d.world * (args.rollout_batch // args.minibatch)) or args.rollout_batch % args.minibatch:
         parser.error(f"--rollout_batch {args.rollout_batch} must be a multiple of --minibatch {args.minibatch}, "
