@@ -12,8 +12,9 @@ indicator (as in EIIL); normalizing by the soft group size (not by N) keeps φ f
 putting every positive J_i in one group. It does not stop φ from isolating a single extreme sample:
 a near-empty group whose mean is the batch's largest J_i maximizes the variance, and p_φ(g_high)
 then collapses. Our remedy (not in the paper; `--min_group_frac`, 0 turns it off): a group counts
-at least n_min = min_group_frac · B / M samples in the denominator, so a tiny group's R_g shrinks
-towards 0 and φ gains nothing by emptying it. Stage 2 (ppo_gi.py) trains the policy to minimize R_var.
+at least n_min = min_group_frac · B / M samples in the denominator (default 1, its fair share).
+A small group's R_g is then its sum over n_min, which grows as more same-signed samples join it,
+so φ gains more by splitting the batch than by isolating an outlier. Stage 2 (ppo_gi.py) trains the policy to minimize R_var.
 
 Standalone: infer the groups of saved rollouts (ppo_gi.py writes OUT/rollouts.jsonl) with the
 critic's group head, and print each group's soft size, mean reward and, on the built-in task, how
@@ -40,7 +41,7 @@ parser.add_argument("--rollouts", default="runs/gi_ppo/rollouts.jsonl", help="JS
 parser.add_argument("--critic", default="runs/gi_ppo/critic", help="critic directory (with its group head) or a reward model directory")
 parser.add_argument("--n_groups", type=int, default=2, help="M, the number of groups (when the critic has no group head yet)")
 parser.add_argument("--fit_steps", type=int, default=0, help="first fit φ here: Adam steps maximizing R_var of the rewards (0: use the head as saved)")
-parser.add_argument("--min_group_frac", type=float, default=0.5, help="n_min = this · B / M: the least soft size a group's mean is divided by (0: the raw soft mean)")
+parser.add_argument("--min_group_frac", type=float, default=1.0, help="n_min = this · B / M: the least soft size a group's mean is divided by (0: the raw soft mean)")
 parser.add_argument("--lr", type=float, default=1e-2, help="learning rate of the φ fit")
 parser.add_argument("--max_len", type=int, default=256, help="max tokens of prompt + response")
 parser.add_argument("--seed", type=int, default=1, help="seed of a new group head")

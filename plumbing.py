@@ -170,6 +170,8 @@ def load_model(spec, tokenizer, seed=0, dtype=torch.float32, head="lm", **tiny_o
     file. head="lm": *ForCausalLM; head="score": *ForSequenceClassification with one output (the
     reward model and critic backbone; a new head is initialized when `spec` has none)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar per model: the stages have their own
     auto = AutoModelForCausalLM if head == "lm" else AutoModelForSequenceClassification
     extra = {} if head == "lm" else {"num_labels": 1}
     if spec == "tiny":

@@ -65,7 +65,7 @@ parser.add_argument("--kl_estimator", choices=["k1", "k3"], default="k1", help="
 parser.add_argument("--beta_policy", type=float, default=0.01, help="β_policy: weight of R_var in the policy loss (chosen by the sweep in the README)")
 parser.add_argument("--beta_critic", type=float, default=1.0, help="β_critic: weight of R_var (maximized) in the critic loss")
 parser.add_argument("--n_groups", type=int, default=2, help="M, the number of inferred groups")
-parser.add_argument("--min_group_frac", type=float, default=0.5, help="a group's mean divides by at least this · batch / M samples, so φ cannot isolate one outlier (0: the slide's raw soft mean)")
+parser.add_argument("--min_group_frac", type=float, default=1.0, help="a group's mean divides by at least this · batch / M samples, so φ cannot isolate one outlier (0: the slide's raw soft mean)")
 parser.add_argument("--j_form", choices=["slide", "alternative"], default="slide", help="J_i: slide = Σ_t log π_θ·R_t for θ and φ; alternative = PPO ratio surrogate for θ, scalar return for φ")
 parser.add_argument("--no_gi", action="store_true", help="plain PPO: no group invariant term, p_high ≡ 1")
 parser.add_argument("--fixed_kl", action="store_true", help="keep group invariance, but p_high ≡ 1 (no adaptive KL)")

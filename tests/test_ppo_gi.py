@@ -57,6 +57,28 @@ def test_group_returns_and_variance_against_numpy():
     assert groups.variance_penalty(torch.tensor([2.0, 2.0])).item() == 0.0
 
 
+def test_min_group_size_shrinks_a_near_empty_group_and_keeps_phi_from_isolating_an_outlier():
+    j = torch.tensor([10.0] + [0.5, -0.5] * 7 + [0.0])  # one outlier among 16 small terms
+    alone = torch.zeros(16, 2)
+    alone[0, 0], alone[1:, 1] = 1.0, 1.0  # group 0 = the outlier alone
+    assert groups.group_returns(j, alone).tolist() == pytest.approx([10.0, 0.0])
+    assert groups.group_returns(j, alone, min_size=8.0).tolist() == pytest.approx([10.0 / 8, 0.0])
+    # φ ascends R_var from a uniform start: plain soft means empty a group, the fair-share floor does not
+    sizes = {}
+    for n_min in (0.0, 8.0):
+        logits = torch.zeros(16, 2, requires_grad=True)
+        with torch.no_grad():
+            logits[:, 0] += 0.01 * torch.arange(16.0).sin()  # break the symmetry
+        opt = torch.optim.Adam([logits], lr=0.1)
+        for _ in range(300):
+            loss = -groups.variance_penalty(groups.group_returns(j, logits.softmax(-1), min_size=n_min))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        sizes[n_min] = logits.softmax(-1).sum(0).min().item()
+    assert sizes[0.0] < 1.5 and sizes[8.0] > 4.0, sizes
+
+
 def test_adaptive_kl_rewards_scale_with_p_high_and_score_lands_on_the_last_real_token():
     eos, pad = 9, 0
     resp = torch.tensor([[4, 5, eos, pad, pad], [4, 5, 6, 7, 8]])  # with EOS, and cut off without one

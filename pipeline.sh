@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# The whole method on the built-in task, in one command (about 10 minutes on a 2-core laptop CPU):
+#
+#   ./pipeline.sh                        # install the requirements, train every stage, print the table
+#   ./pipeline.sh --seed 2 --out runs/pipeline-s2 --no-install
+#   ./pipeline.sh --force                # retrain stages whose outputs already exist
+#   ./pipeline.sh --sweep --no-install   # instead: the β_policy × η sweep on the RL split (README)
+#
+# Stages (each skipped when its output exists, unless --force):
+#   sft → reward → dpo → ppo (no KL) → ppo_kl → gi_ppo → gi_fixed_kl → gi_beta0 → evaluate
+# gi_fixed_kl: group invariance without the adaptive KL; gi_beta0: adaptive KL without the group
+# invariant term (β_policy = 0). The budgets are environment variables (defaults shown below), so a
+# test can run the same script with a tiny budget. Every stage takes --seed; all else is default.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+SEED=1 OUT="" FORCE=0 INSTALL=1 SWEEP=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --seed) SEED="$2"; shift 2 ;;
+    --out) OUT="$2"; shift 2 ;;
+    --force) FORCE=1; shift ;;
+    --no-install) INSTALL=0; shift ;;
+    --sweep) SWEEP=1; shift ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    *) echo "pipeline.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+  esac
+done
+OUT="${OUT:-runs/pipeline-s$SEED}"
+SFT_STEPS="${SFT_STEPS:-400}"        # greedy gold ~0.6: room left for RL (1,000 steps reach 0.92)
+RM_STEPS="${RM_STEPS:-150}"
+DPO_STEPS="${DPO_STEPS:-150}"
+PPO_STEPS="${PPO_STEPS:-40}"
+EVAL_PROMPTS="${EVAL_PROMPTS:-200}"  # per split (test, ood)
+PY="${PYTHON:-python}"
+
+if [ "$INSTALL" = 1 ]; then
+  echo "== installing requirements.txt"
+  "$PY" -m pip install -q -r requirements.txt
+fi
+
+START=$(date +%s)
+stage() {  # stage NAME DONE_FILE COMMAND...: run unless DONE_FILE exists (or --force)
+  local name="$1" done_file="$2"; shift 2
+  if [ "$FORCE" = 0 ] && [ -e "$done_file" ]; then
+    echo "== $name: $done_file exists, skipped (--force reruns it)"
+    return
+  fi
+  echo "== $name"
+  local t0; t0=$(date +%s)
+  "$@"
+  echo "== $name: $(( $(date +%s) - t0 )) s"
+}
+
+# Each trainer writes config.json last (after a temporary name and rename), so it marks a finished stage.
+stage sft "$OUT/sft/config.json" "$PY" sft.py --steps "$SFT_STEPS" --seed "$SEED" --out "$OUT/sft" --save_every 0 --gold_prompts 0
+stage reward "$OUT/reward/config.json" "$PY" reward.py --sft "$OUT/sft" --steps "$RM_STEPS" --eval_every "$RM_STEPS" --seed "$SEED" --out "$OUT/reward" --save_every 0
+if [ "$SWEEP" = 1 ]; then
+  # β_policy × η for GI-PPO and η for PPO w/ KL, from this seed's SFT and reward model. Judged by
+  # the gold score of the sampled responses to the RL split's prompts (the last 10 iterations'
+  # mean): no test prompt is used to choose.
+  for eta in ${SWEEP_ETAS:-0.05 0.2 0.5}; do
+    stage "sweep ppo_kl η=$eta" "$OUT/sweep/ppo_kl_eta$eta/config.json" "$PY" ppo_gi.py --sft "$OUT/sft" --reward "$OUT/reward" \
+      --steps "$PPO_STEPS" --seed "$SEED" --out "$OUT/sweep/ppo_kl_eta$eta" --save_every 0 --eval_prompts 0 --no_gi --kl_coef "$eta"
+    for beta in ${SWEEP_BETAS:-0.01 0.05 0.2}; do
+      stage "sweep gi_ppo β_policy=$beta η=$eta" "$OUT/sweep/gi_beta${beta}_eta$eta/config.json" "$PY" ppo_gi.py --sft "$OUT/sft" \
+        --reward "$OUT/reward" --steps "$PPO_STEPS" --seed "$SEED" --out "$OUT/sweep/gi_beta${beta}_eta$eta" --save_every 0 \
+        --eval_prompts 0 --beta_policy "$beta" --kl_coef "$eta"
+    done
+  done
+  "$PY" - "$OUT/sweep" <<'PYEOF'
+import glob, json, os, sys
+lines = ["| run | β_policy | η | RL gold (sampled, last 10) | worst true group | RM score | KL | size of the smaller group |",
+         "|---|---:|---:|---:|---|---:|---:|---:|"]
+for run in sorted(glob.glob(os.path.join(sys.argv[1], "*", "metrics.jsonl"))):
+    rows = [r for r in map(json.loads, open(run)) if "gold/mean" in r][-10:]
+    args = json.load(open(os.path.join(os.path.dirname(run), "ppo_args.json")))
+    mean = lambda k: sum(r[k] for r in rows) / len(rows)
+    groups = {k[5:]: mean(k) for k in rows[-1] if k.startswith("gold/") and k != "gold/mean" and all(k in r for r in rows)}
+    worst = min(groups, key=groups.get)
+    smaller = "" if args["no_gi"] else f"{min(mean(k) for k in rows[-1] if k.startswith('groups/size_')):.1f} of {args['rollout_batch']}"
+    lines.append(f"| {os.path.basename(os.path.dirname(run))} | {0 if args['no_gi'] else args['beta_policy']} | {args['kl_coef']} | "
+                 f"{mean('gold/mean'):.3f} | {worst} {groups[worst]:.3f} | {mean('objective/scores'):.2f} | {mean('objective/kl'):.2f} | "
+                 f"{smaller} |")
+first = [json.loads(open(run).readline())["gold/mean"] for run in glob.glob(os.path.join(sys.argv[1], "*", "metrics.jsonl"))]
+lines.append(f"\nIteration 1 samples from the SFT policy itself: RL gold {sum(first) / len(first):.3f}.")
+open(os.path.join(sys.argv[1], "sweep.md"), "w").write("\n".join(lines) + "\n")
+print("\n".join(lines))
+PYEOF
+  exit 0
+fi
+stage dpo "$OUT/dpo/config.json" "$PY" dpo.py --sft "$OUT/sft" --steps "$DPO_STEPS" --eval_every "$DPO_STEPS" --seed "$SEED" --out "$OUT/dpo" --save_every 0 --gold_prompts 0
+ppo() {  # ppo NAME FLAGS...: one ppo_gi.py variant from the same SFT and reward model
+  local name="$1"; shift
+  stage "$name" "$OUT/$name/config.json" "$PY" ppo_gi.py --sft "$OUT/sft" --reward "$OUT/reward" --steps "$PPO_STEPS" \
+    --seed "$SEED" --out "$OUT/$name" --save_every 0 --eval_prompts 0 "$@"
+}
+ppo ppo --no_gi --kl_coef 0
+ppo ppo_kl --no_gi
+ppo gi_ppo
+ppo gi_fixed_kl --fixed_kl
+ppo gi_beta0 --beta_policy 0
+stage evaluate "$OUT/eval/results.json" "$PY" evaluate.py --model "GI-PPO=$OUT/gi_ppo" \
+  --opponents "SFT=$OUT/sft" "PPO=$OUT/ppo" "PPO w/ KL=$OUT/ppo_kl" "DPO=$OUT/dpo" \
+  "GI-PPO fixed KL=$OUT/gi_fixed_kl" "GI-PPO β_policy 0=$OUT/gi_beta0" \
+  --reward "$OUT/reward" --judges gold rm --splits test ood --n_prompts "$EVAL_PROMPTS" --seed "$SEED" --out "$OUT/eval"
+echo "== pipeline: $(( $(date +%s) - START )) s in all (training and evaluation); results in $OUT/eval"
+cat "$OUT/eval/table.md"

@@ -1,0 +1,150 @@
+"""evaluate.py and pipeline.sh: the tally against hand-made scores, the llm judge against a local
+OpenAI-compatible server (order randomization, parsing, invalid answers, retries), the results.json
+schema, and the one-command pipeline end to end with a tiny budget."""
+import http.server
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import threading
+
+import pytest
+
+import evaluate
+from conftest import ROOT
+
+
+def test_compare_and_tally_on_hand_made_scores():
+    mine, theirs = [0.9, 0.5, 0.5, 0.1, 1.0, 0.30], [0.2, 0.5, 0.7, 0.1, 0.95, 0.35]
+    exact = [evaluate.compare(a, b) for a, b in zip(mine, theirs)]
+    assert exact == ["win", "tie", "lose", "tie", "win", "lose"]
+    assert evaluate.tally(exact) == pytest.approx({"win": 100 * 2 / 6, "tie": 100 * 2 / 6, "lose": 100 * 2 / 6, "invalid": 0.0})
+    # a margin turns the close calls (|Δ| ≤ 0.06) into ties, and swapping the sides swaps win and lose
+    assert [evaluate.compare(a, b, 0.06) for a, b in zip(mine, theirs)] == ["win", "tie", "lose", "tie", "tie", "tie"]
+    assert [evaluate.compare(b, a) for a, b in zip(mine, theirs)] == ["lose", "tie", "win", "tie", "lose", "win"]
+    t = evaluate.tally(["win", "invalid", "lose", "tie"])
+    assert t == {"win": 25.0, "tie": 25.0, "lose": 25.0, "invalid": 25.0} and sum(t.values()) == 100.0
+    with pytest.raises(ValueError):
+        evaluate.tally(["win", "draw"])
+
+
+def test_parse_verdict():
+    assert evaluate.parse_verdict("A is right.\n[[A]]") == "A"
+    assert evaluate.parse_verdict("first I thought [[A]], but on reflection [[B]]") == "B"
+    assert evaluate.parse_verdict("[[ tie ]]") == "tie" and evaluate.parse_verdict("[[C]]") == "tie"
+    assert evaluate.parse_verdict("Response A is better.") is None and evaluate.parse_verdict(None) is None
+
+
+class _Judge(http.server.BaseHTTPRequestHandler):
+    """Answers deterministically from the prompt: the response holding GOOD wins; a conversation
+    with GARBLE gets no verdict; FLAKY fails once per conversation, then answers; DOWN always fails."""
+    seen, calls = [], {}
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        text = body["messages"][-1]["content"]
+        conv = re.search(r"\[Conversation\]\n(.*?)\n\n\[Response A\]", text, re.S).group(1)
+        a = re.search(r"\[Response A\]\n(.*?)\n\n\[Response B\]", text, re.S).group(1)
+        b = re.search(r"\[Response B\]\n(.*?)\n\nFirst explain", text, re.S).group(1)
+        _Judge.calls[conv] = _Judge.calls.get(conv, 0) + 1
+        if "DOWN" in conv or ("FLAKY" in conv and _Judge.calls[conv] == 1):
+            self.send_response(500)
+            self.end_headers()
+            return
+        _Judge.seen.append(("GOOD" in a, "GOOD" in b))
+        answer = "I cannot decide." if "GARBLE" in conv else \
+            "Better.\n[[A]]" if "GOOD" in a and "GOOD" not in b else "Better.\n[[B]]" if "GOOD" in b and "GOOD" not in a else "Same.\n[[tie]]"
+        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": answer}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def judge_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Judge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _Judge.seen.clear()
+    _Judge.calls.clear()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+
+
+def test_llm_judge_order_randomization_parsing_invalid_and_retries(judge_server, monkeypatch):
+    sleeps = []
+    monkeypatch.setattr(evaluate.time, "sleep", sleeps.append)
+    args = evaluate.parser.parse_args(["--model", "m=x", "--opponents", "o=y", "--judges", "llm", "--judge_url", judge_server,
+                                       "--judge_model", "test", "--judge_retries", "2", "--judge_timeout", "5"])
+    n = 40
+    prompts = [f"q{i}" for i in range(n)] + ["q GARBLE", "q FLAKY", "q DOWN", "q same"]
+    mine = [f"GOOD {i}" if i % 4 else f"bad {i}" for i in range(n)] + ["GOOD", "GOOD", "GOOD", "identical"]
+    theirs = [f"bad {i}" if i % 4 else f"GOOD {i}" for i in range(n)] + ["bad", "bad", "bad", "identical"]
+    outcomes = evaluate.llm_outcomes(args, prompts, mine, theirs, random.Random(0))
+    # un-swapped: the GOOD side wins whichever position it was shown in
+    assert outcomes[:n] == ["lose" if i % 4 == 0 else "win" for i in range(n)]
+    positions = {s for s in _Judge.seen}
+    assert (True, False) in positions and (False, True) in positions  # both orders were shown
+    shown_first = sum(a for a, _ in _Judge.seen[:n])
+    assert 10 <= shown_first <= 30  # about half the model's GOOD answers were shown as A
+    assert outcomes[n:] == ["invalid", "win", "invalid", "tie"]
+    assert _Judge.calls["q FLAKY"] == 2 and _Judge.calls["q DOWN"] == 3  # 1 retry, then 2 retries exhausted
+    assert "q same" not in _Judge.calls  # identical responses tie without a request
+    assert sleeps == [1.0, 1.0, 2.0]  # bounded exponential backoff
+    t = evaluate.tally(outcomes)
+    assert t["invalid"] == pytest.approx(100 * 2 / (n + 4))
+
+
+def test_results_schema_and_identical_models_tie(toy_sft_dir, tmp_path, monkeypatch, judge_server):
+    out = tmp_path / "eval"
+    monkeypatch.setattr(evaluate.time, "sleep", lambda s: None)
+    evaluate.main(evaluate.parser.parse_args([
+        "--model", f"A={toy_sft_dir}", "--opponents", f"B={toy_sft_dir}", "--judges", "gold", "llm",
+        "--judge_url", judge_server, "--judge_model", "test", "--splits", "test", "ood", "--n_prompts", "10", "--out", str(out)]))
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["winrates"]) == 4  # 2 judges × 1 opponent × 2 splits
+    for w in results["winrates"]:
+        assert set(w) >= {"judge", "model", "opponent", "split", "win", "tie", "lose", "invalid"}
+        assert (w["model"], w["opponent"]) == ("A", "B") and w["tie"] == 100.0  # same weights, greedy: same answers
+    groups = results["groups"]
+    assert {g["split"] for g in groups} == {"test", "ood"} and {g["model"] for g in groups} == {"A", "B"}
+    assert all(set(g) >= {"model", "split", "group", "gold_mean"} and 0 <= g["gold_mean"] <= 1 for g in groups)
+    assert "| gold | B |" in (out / "table.md").read_text()
+    assert len((out / "responses.jsonl").read_text().splitlines()) == 2 * 2 * 10
+
+
+def test_pipeline_end_to_end_with_a_tiny_budget(tmp_path):
+    env = {**os.environ, "SFT_STEPS": "30", "RM_STEPS": "10", "DPO_STEPS": "10", "PPO_STEPS": "2", "EVAL_PROMPTS": "10",
+           "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = ["bash", os.path.join(ROOT, "pipeline.sh"), "--no-install", "--seed", "3", "--out", str(tmp_path / "p")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((tmp_path / "p" / "eval" / "results.json").read_text())
+    opponents = {w["opponent"] for w in results["winrates"]}
+    assert opponents == {"SFT", "PPO", "PPO w/ KL", "DPO", "GI-PPO fixed KL", "GI-PPO β_policy 0"}
+    assert {w["judge"] for w in results["winrates"]} == {"gold", "rm"} and {w["split"] for w in results["winrates"]} == {"test", "ood"}
+    assert all(abs(w["win"] + w["tie"] + w["lose"] + w["invalid"] - 100) < 1e-6 for w in results["winrates"])
+    assert "Win / Tie / Lose" in proc.stdout
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.count("skipped") == 9  # every stage's output exists
+
+
+def test_aggregate_mean_and_std_over_runs(tmp_path):
+    paths = []
+    for k, (win, gold) in enumerate([(40.0, (0.2, 0.8)), (60.0, (0.4, 1.0))]):
+        r = {"winrates": [{"judge": "gold", "model": "M", "opponent": "O", "split": "test", "win": win, "tie": 100 - win - 10,
+                           "lose": 10.0, "invalid": 0.0}],
+             "groups": [{"model": "M", "split": "test", "group": "g1", "gold_mean": gold[0]},
+                        {"model": "M", "split": "test", "group": "g2", "gold_mean": gold[1]}]}
+        paths.append(str(tmp_path / f"r{k}.json"))
+        with open(paths[-1], "w") as f:
+            json.dump(r, f)
+    text = evaluate.aggregate(paths)
+    assert "| gold | O | 50.0 ± 10.0 / 40.0 ± 10.0 / 10.0 ± 0.0 |" in text  # np.std: population std
+    assert "| M | test | 0.300 | 0.900 | 0.600 ± 0.100 | 0.600 ± 0.000 |" in text
