@@ -32,6 +32,9 @@ RM_STEPS="${RM_STEPS:-150}"
 DPO_STEPS="${DPO_STEPS:-150}"
 PPO_STEPS="${PPO_STEPS:-40}"
 EVAL_PROMPTS="${EVAL_PROMPTS:-200}"  # per split (test, ood)
+ETA="${ETA:-0.5}"                    # η of GI-PPO and its ablations  } each method's best mean gold in
+ETA_PPO_KL="${ETA_PPO_KL:-1.0}"      # η of PPO w/ KL                 } the sweep on the RL split,
+BETA_POLICY="${BETA_POLICY:-0.05}"   # β_policy of GI-PPO             } seed 1 (README)
 PY="${PYTHON:-python}"
 
 if [ "$INSTALL" = 1 ]; then
@@ -59,7 +62,9 @@ if [ "$SWEEP" = 1 ]; then
   # β_policy × η for GI-PPO and η for PPO w/ KL, from this seed's SFT and reward model. Judged by
   # the gold score of the sampled responses to the RL split's prompts (the last 10 iterations'
   # mean): no test prompt is used to choose.
-  for eta in ${SWEEP_ETAS:-0.05 0.2 0.5}; do
+  stage "sweep reference: the SFT policy, not updated" "$OUT/sweep/sft_lr0/config.json" "$PY" ppo_gi.py --sft "$OUT/sft" \
+    --reward "$OUT/reward" --steps "$PPO_STEPS" --seed "$SEED" --out "$OUT/sweep/sft_lr0" --save_every 0 --eval_prompts 0 --no_gi --lr 0
+  for eta in ${SWEEP_ETAS:-0.05 0.2 0.5 1}; do
     stage "sweep ppo_kl η=$eta" "$OUT/sweep/ppo_kl_eta$eta/config.json" "$PY" ppo_gi.py --sft "$OUT/sft" --reward "$OUT/reward" \
       --steps "$PPO_STEPS" --seed "$SEED" --out "$OUT/sweep/ppo_kl_eta$eta" --save_every 0 --eval_prompts 0 --no_gi --kl_coef "$eta"
     for beta in ${SWEEP_BETAS:-0.01 0.05 0.2}; do
@@ -79,11 +84,10 @@ for run in sorted(glob.glob(os.path.join(sys.argv[1], "*", "metrics.jsonl"))):
     groups = {k[5:]: mean(k) for k in rows[-1] if k.startswith("gold/") and k != "gold/mean" and all(k in r for r in rows)}
     worst = min(groups, key=groups.get)
     smaller = "" if args["no_gi"] else f"{min(mean(k) for k in rows[-1] if k.startswith('groups/size_')):.1f} of {args['rollout_batch']}"
-    lines.append(f"| {os.path.basename(os.path.dirname(run))} | {0 if args['no_gi'] else args['beta_policy']} | {args['kl_coef']} | "
+    lines.append(f"| {os.path.basename(os.path.dirname(run))} | {0 if args['no_gi'] else args['beta_policy']} | {'' if args['lr'] == 0 else args['kl_coef']} | "
                  f"{mean('gold/mean'):.3f} | {worst} {groups[worst]:.3f} | {mean('objective/scores'):.2f} | {mean('objective/kl'):.2f} | "
                  f"{smaller} |")
-first = [json.loads(open(run).readline())["gold/mean"] for run in glob.glob(os.path.join(sys.argv[1], "*", "metrics.jsonl"))]
-lines.append(f"\nIteration 1 samples from the SFT policy itself: RL gold {sum(first) / len(first):.3f}.")
+lines.append("\nsft_lr0 is the SFT policy run through the same iterations with lr 0: the same prompts and sampling seeds, no update.")
 open(os.path.join(sys.argv[1], "sweep.md"), "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
 PYEOF
@@ -96,10 +100,10 @@ ppo() {  # ppo NAME FLAGS...: one ppo_gi.py variant from the same SFT and reward
     --seed "$SEED" --out "$OUT/$name" --save_every 0 --eval_prompts 0 "$@"
 }
 ppo ppo --no_gi --kl_coef 0
-ppo ppo_kl --no_gi
-ppo gi_ppo
-ppo gi_fixed_kl --fixed_kl
-ppo gi_beta0 --beta_policy 0
+ppo ppo_kl --no_gi --kl_coef "$ETA_PPO_KL"
+ppo gi_ppo --kl_coef "$ETA" --beta_policy "$BETA_POLICY"
+ppo gi_fixed_kl --fixed_kl --kl_coef "$ETA" --beta_policy "$BETA_POLICY"
+ppo gi_beta0 --kl_coef "$ETA" --beta_policy 0
 stage evaluate "$OUT/eval/results.json" "$PY" evaluate.py --model "GI-PPO=$OUT/gi_ppo" \
   --opponents "SFT=$OUT/sft" "PPO=$OUT/ppo" "PPO w/ KL=$OUT/ppo_kl" "DPO=$OUT/dpo" \
   "GI-PPO fixed KL=$OUT/gi_fixed_kl" "GI-PPO β_policy 0=$OUT/gi_beta0" \
