@@ -222,14 +222,14 @@ def plot(out, model_dirs, group_rows, rm_scores):
         ax.legend(fontsize=6)
         fig.savefig(os.path.join(out, "reward_distribution.png"), dpi=120, bbox_inches="tight")
     if group_rows:
-        splits, groups = sorted({r["split"] for r in group_rows}), list(dict.fromkeys(r["group"] for r in group_rows))
+        splits, groups = list(dict.fromkeys(r["split"] for r in group_rows)), list(dict.fromkeys(r["group"] for r in group_rows))
         names = list(dict.fromkeys(r["model"] for r in group_rows))
         fig, axes = plt.subplots(1, len(splits), figsize=(6 * len(splits), 4), squeeze=False)
         for ax, split in zip(axes[0], splits):
             for k, name in enumerate(names):
                 means = {r["group"]: r["gold_mean"] for r in group_rows if r["model"] == name and r["split"] == split}
                 ax.bar(np.arange(len(groups)) + k / (len(names) + 1), [means.get(g, 0) for g in groups], 1 / (len(names) + 1), label=name)
-            ax.set_xticks(np.arange(len(groups)) + 0.4, groups)
+            ax.set_xticks(np.arange(len(groups)) + (len(names) - 1) / (2 * (len(names) + 1)), groups)
             ax.set(ylabel="mean gold score", title=f"gold per true group ({split})")
         axes[0][0].legend(fontsize=6)
         fig.savefig(os.path.join(out, "gold_per_group.png"), dpi=120, bbox_inches="tight")
@@ -245,7 +245,8 @@ def plot(out, model_dirs, group_rows, rm_scores):
                     ax.plot(*zip(*pts), label=name)
     for ax, key in zip(axes, keys):
         ax.set(title=key, xlabel="step")
-        ax.legend(fontsize=6)
+        if ax.lines:
+            ax.legend(fontsize=6)
     fig.savefig(os.path.join(out, "training_curves.png"), dpi=120, bbox_inches="tight")
 
 
@@ -262,7 +263,7 @@ def aggregate(paths):
             cells.setdefault((w["judge"], w["opponent"], w["split"]), []).append(w)
     splits = list(dict.fromkeys(k[2] for k in cells))
     model = runs[0]["winrates"][0]["model"]
-    lines = [f"Mean ± std over {len(runs)} runs ({', '.join(paths)}).", "",
+    lines = [f"Mean ± population std over {len(runs)} runs ({', '.join(paths)}).", "",
              f"| judge | {model} vs | " + " | ".join(f"{s}: Win / Tie / Lose" for s in splits) + " |", "|---|---|" + "---:|" * len(splits)]
     for judge, opponent in dict.fromkeys((k[0], k[1]) for k in cells):
         row = []
@@ -276,7 +277,7 @@ def aggregate(paths):
             summaries.setdefault((g["model"], g["split"]), {}).setdefault(g["group"], []).append(g["gold_mean"])
     if summaries:
         groups = list(dict.fromkeys(g for v in summaries.values() for g in v))
-        lines += ["", "| model | split | " + " | ".join(groups) + " | mean | best − worst |", "|---|---|" + "---:|" * (len(groups) + 2)]
+        lines += ["", "| model | split | " + " | ".join(groups) + " | mean of groups | best − worst |", "|---|---|" + "---:|" * (len(groups) + 2)]
         for (name, split), by_group in summaries.items():
             per_run = np.array([by_group[g] for g in groups]).T  # [runs, groups]
             lines.append(f"| {name} | {split} | " + " | ".join(f"{np.mean(by_group[g]):.3f}" for g in groups)

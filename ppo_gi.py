@@ -62,7 +62,7 @@ parser.add_argument("--lr", type=float, default=1e-4, help="policy learning rate
 parser.add_argument("--critic_lr", type=float, default=3e-4, help="critic + group head learning rate (1.5e-6 at 7B)")
 parser.add_argument("--kl_coef", type=float, default=0.05, help="η: KL penalty coefficient (0: PPO without KL)")
 parser.add_argument("--kl_estimator", choices=["k1", "k3"], default="k1", help="per-token KL estimate penalized and logged")
-parser.add_argument("--beta_policy", type=float, default=0.01, help="β_policy: weight of R_var in the policy loss (chosen by the sweep in the README)")
+parser.add_argument("--beta_policy", type=float, default=0.01, help="β_policy: weight of R_var in the policy loss (best of the README's first sweep, from the 1,000-step SFT; pipeline.sh uses its own sweep's 0.05)")
 parser.add_argument("--beta_critic", type=float, default=1.0, help="β_critic: weight of R_var (maximized) in the critic loss")
 parser.add_argument("--n_groups", type=int, default=2, help="M, the number of inferred groups")
 parser.add_argument("--min_group_frac", type=float, default=1.0, help="a group's mean divides by at least this · batch / M samples, so φ cannot isolate one outlier (0: the slide's raw soft mean)")

@@ -117,6 +117,12 @@ def test_results_schema_and_identical_models_tie(toy_sft_dir, tmp_path, monkeypa
     assert all(set(g) >= {"model", "split", "group", "gold_mean"} and 0 <= g["gold_mean"] <= 1 for g in groups)
     assert "| gold | B |" in (out / "table.md").read_text()
     assert len((out / "responses.jsonl").read_text().splitlines()) == 2 * 2 * 10
+    try:  # the plots are optional: checked where matplotlib is installed
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    for png in ("gold_per_group.png", "training_curves.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_pipeline_end_to_end_with_a_tiny_budget(tmp_path):
