@@ -40,9 +40,10 @@ def test_parse_verdict():
 class _Judge(http.server.BaseHTTPRequestHandler):
     """Answers deterministically from the prompt: the response holding GOOD wins; a conversation
     with GARBLE gets no verdict; FLAKY fails once per conversation, then answers; DOWN always fails."""
-    seen, calls = [], {}
+    seen, calls, auth = [], {}, set()
 
     def do_POST(self):
+        _Judge.auth.add(self.headers.get("Authorization"))
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         text = body["messages"][-1]["content"]
         conv = re.search(r"\[Conversation\]\n(.*?)\n\n\[Response A\]", text, re.S).group(1)
@@ -73,6 +74,7 @@ def judge_server():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     _Judge.seen.clear()
     _Judge.calls.clear()
+    _Judge.auth.clear()
     yield f"http://127.0.0.1:{server.server_address[1]}/v1"
     server.shutdown()
 
@@ -80,6 +82,7 @@ def judge_server():
 def test_llm_judge_order_randomization_parsing_invalid_and_retries(judge_server, monkeypatch):
     sleeps = []
     monkeypatch.setattr(evaluate.time, "sleep", sleeps.append)
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
     args = evaluate.parser.parse_args(["--model", "m=x", "--opponents", "o=y", "--judges", "llm", "--judge_url", judge_server,
                                        "--judge_model", "test", "--judge_retries", "2", "--judge_timeout", "5"])
     n = 40
@@ -96,6 +99,7 @@ def test_llm_judge_order_randomization_parsing_invalid_and_retries(judge_server,
     assert outcomes[n:] == ["invalid", "win", "invalid", "tie"]
     assert _Judge.calls["q FLAKY"] == 2 and _Judge.calls["q DOWN"] == 3  # 1 retry, then 2 retries exhausted
     assert "q same" not in _Judge.calls  # identical responses tie without a request
+    assert _Judge.auth == {"Bearer test-key"}  # the key comes from the environment variable
     assert sleeps == [1.0, 1.0, 2.0]  # bounded exponential backoff
     t = evaluate.tally(outcomes)
     assert t["invalid"] == pytest.approx(100 * 2 / (n + 4))
@@ -123,6 +127,21 @@ def test_results_schema_and_identical_models_tie(toy_sft_dir, tmp_path, monkeypa
         return
     for png in ("gold_per_group.png", "training_curves.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_any_prompt_source_with_the_llm_judge(toy_sft_dir, tmp_path, judge_server):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"\n\nHuman: Say {w}.\n\nAssistant:"}) + "\n" for w in "abcdef"))
+    out = tmp_path / "eval"
+    evaluate.main(evaluate.parser.parse_args([
+        "--model", f"A={toy_sft_dir}", "--opponents", f"B={toy_sft_dir}", "--data", str(prompts), "--split", "all",
+        "--judges", "llm", "--judge_url", judge_server, "--judge_model", "test", "--out", str(out)]))
+    results = json.loads((out / "results.json").read_text())
+    assert [(w["judge"], w["split"], w["tie"], w["n"]) for w in results["winrates"]] == [("llm", "all", 100.0, 6)]
+    assert results["groups"] == []  # per-group gold exists only on the built-in task
+    with pytest.raises(SystemExit):  # the gold judge needs the built-in task
+        evaluate.main(evaluate.parser.parse_args(["--model", f"A={toy_sft_dir}", "--opponents", f"B={toy_sft_dir}",
+                                                  "--data", str(prompts), "--judges", "gold"]))
 
 
 def test_pipeline_end_to_end_with_a_tiny_budget(tmp_path):
