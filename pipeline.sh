@@ -9,8 +9,8 @@
 # Stages (each skipped when its output exists, unless --force):
 #   sft → reward → dpo → ppo (no KL) → ppo_kl → gi_ppo → gi_fixed_kl → gi_beta0 → evaluate
 # gi_fixed_kl: group invariance without the adaptive KL; gi_beta0: adaptive KL without the group
-# invariant term (β_policy = 0). The budgets are environment variables (defaults shown below), so a
-# test can run the same script with a tiny budget. Every stage takes --seed; all else is default.
+# invariant term (β_policy = 0). The budgets and the PPO coefficients chosen by --sweep are
+# environment variables (defaults below), so a test can run the same script with a tiny budget.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -22,7 +22,7 @@ while [ $# -gt 0 ]; do
     --force) FORCE=1; shift ;;
     --no-install) INSTALL=0; shift ;;
     --sweep) SWEEP=1; shift ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set /p' "$0" | sed '$d'; exit 0 ;;
     *) echo "pipeline.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
