@@ -169,9 +169,10 @@ class RunningStd:
         return math.sqrt(self.m2 / max(self.count - 1, 1)) if self.count > 1 else 1.0
 
 
-def response_logprobs(model, ids, mask, prompt_len, temperature):
-    """log π(a_t|s_t) of the response tokens [B, R] at temperature T, and the per-token entropy
-    [B, R] (no gradient, for logging). Only the response positions' logits are computed."""
+def response_logprobs(model, ids, mask, prompt_len, temperature, with_entropy=False):
+    """log π(a_t|s_t) of the response tokens [B, R] at temperature T, and, with_entropy, the
+    per-token entropy [B, R] (no gradient, for logging; else None). Only the response positions'
+    logits are computed."""
     n_resp = ids.shape[1] - prompt_len
     logits = model(input_ids=ids, attention_mask=mask, position_ids=plumbing.position_ids(mask),
                    logits_to_keep=n_resp + 1).logits[:, :-1].float()
@@ -180,6 +181,8 @@ def response_logprobs(model, ids, mask, prompt_len, temperature):
     # log π(a|s) = logit_a − log Σ_a' exp(logit_a'), without materializing the full log-softmax
     lse = logits.logsumexp(-1)
     logp = logits.gather(-1, ids[:, prompt_len:, None]).squeeze(-1) - lse
+    if not with_entropy:
+        return logp, None
     with torch.no_grad():
         ent = lse - (logits.softmax(-1) * logits).sum(-1)
     return logp, ent
@@ -264,7 +267,7 @@ def ppo_update(args, d, policy, critic, opt_policy, opt_critic, batch, log_stats
             n_tok = plumbing.all_reduce_sum(r_mask.sum().clone(), d)
             adv, old_logp = batch["advantages"][idx], batch["logp"][idx]
             # θ step: clipped surrogate + β_policy·R_var(θ, φ) with p_φ fixed (rollout-time, detached)
-            new_logp, ent = response_logprobs(policy, ids, mask, P, args.temperature)
+            new_logp, ent = response_logprobs(policy, ids, mask, P, args.temperature, with_entropy=True)
             ratio = (new_logp - old_logp).exp()
             pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - args.cliprange, 1 + args.cliprange))
             pg_loss = (pg * r_mask).sum() / n_tok
