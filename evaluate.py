@@ -46,6 +46,7 @@ parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_c
 parser.add_argument("--model", help="NAME=DIR of the model under evaluation (DIR alone: NAME is its folder name)")
 parser.add_argument("--opponents", nargs="+", help="NAME=DIR of each opponent")
 parser.add_argument("--aggregate", nargs="+", metavar="RESULTS_JSON", help="instead: mean ± std over seeds of several results.json files, as markdown")
+parser.add_argument("--runs", nargs="+", metavar="PPO_DIR", help="instead: a markdown table of ppo_gi.py runs from their metrics.jsonl (RL gold, KL, groups)")
 parser.add_argument("--data", default="toy", help="data.py spec of the prompts")
 parser.add_argument("--splits", nargs="+", default=["test", "ood"], help="prompt splits, each a column of the table")
 parser.add_argument("--n_prompts", type=int, default=200, help="prompts per split (the first N)")
@@ -283,6 +284,43 @@ def aggregate(paths):
             lines.append(f"| {name} | {split} | " + " | ".join(f"{np.mean(by_group[g]):.3f}" for g in groups)
                          + f" | {np.mean(per_run.mean(1)):.3f} ± {np.std(per_run.mean(1)):.3f}"
                          + f" | {np.mean(per_run.max(1) - per_run.min(1)):.3f} ± {np.std(per_run.max(1) - per_run.min(1)):.3f} |")
+    rewards = {}
+    for r in runs:
+        for x in r.get("rewards", []):
+            rewards.setdefault((x["model"], x["split"]), []).append(x)
+    if rewards:
+        keys = ("mean", "q05", "q50", "q95", "skewness")
+        lines += ["", "| model | split | RM " + " | RM ".join(keys) + " |", "|---|---|" + "---:|" * len(keys)]
+        for (name, split), xs in rewards.items():
+            lines.append(f"| {name} | {split} | " + " | ".join(f"{np.mean([x[k] for x in xs]):.2f} ± {np.std([x[k] for x in xs]):.2f}"
+                                                              for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_table(dirs, last=10):
+    """One row per ppo_gi.py run, from its metrics.jsonl: the gold of the sampled RL rollouts over
+    the first and the last `last` iterations, the worst true group, RM score and KL over the last
+    iterations, the largest KL, the smaller inferred group, and the final greedy test gold."""
+    lines = [f"| run | β_policy | η | RL gold, first {last} | RL gold, last {last} | worst true group | RM score | KL | max KL "
+             "| smaller group | greedy test gold |", "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for run in dirs:
+        with open(os.path.join(run, "ppo_args.json")) as f:
+            a = json.load(f)
+        with open(os.path.join(run, "metrics.jsonl")) as f:
+            rows = [json.loads(line) for line in f]
+        its = [r for r in rows if "objective/kl" in r]
+        tail = its[-last:]
+        mean = lambda k, rs=tail: float(np.mean([r[k] for r in rs]))  # noqa: E731
+        gold = {k[5:]: mean(k) for k in tail[-1] if k.startswith("gold/") and k != "gold/mean"}
+        worst = min(gold, key=gold.get) if gold else None
+        sizes = [mean(k) for k in tail[-1] if k.startswith("groups/size_")]
+        greedy = [r["eval/gold_mean"] for r in rows if "eval/gold_mean" in r]
+        cells = [os.path.normpath(run), "0" if a["no_gi"] else f"{a['beta_policy']:g}", "" if a["lr"] == 0 else f"{a['kl_coef']:g}",
+                 f"{mean('gold/mean', its[:last]):.3f}" if gold else "", f"{mean('gold/mean'):.3f}" if gold else "",
+                 f"{worst} {gold[worst]:.3f}" if worst else "", f"{mean('objective/scores'):.2f}", f"{mean('objective/kl'):.2f}",
+                 f"{max(r['objective/kl'] for r in its):.1f}", "" if a["no_gi"] else f"{min(sizes):.1f} of {a['rollout_batch']}",
+                 f"{greedy[-1]:.3f}" if greedy else ""]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -293,11 +331,11 @@ def write_atomic(path, text):
 
 
 def main(args):
-    if args.aggregate:
-        print(aggregate(args.aggregate))
+    if args.aggregate or args.runs:
+        print(aggregate(args.aggregate) if args.aggregate else run_table(args.runs))
         return
     if not (args.model and args.opponents):
-        parser.error("--model and --opponents are required (or --aggregate)")
+        parser.error("--model and --opponents are required (or --aggregate, --runs)")
     if "gold" in args.judges and args.data != "toy":
         parser.error("--judges gold is the built-in task's judge: it needs --data toy")
     if "rm" in args.judges and not args.reward:
@@ -318,10 +356,9 @@ def main(args):
     for name, path in bar:
         for s, texts in respond(args, path, prompts, device).items():
             responses[name, s] = texts
-    with open(os.path.join(args.out, "responses.jsonl.tmp"), "w") as f:
-        for (name, s), texts in responses.items():
-            f.writelines(json.dumps({"model": name, "split": s, "prompt": p, "response": t}) + "\n" for p, t in zip(prompts[s], texts))
-    os.replace(os.path.join(args.out, "responses.jsonl.tmp"), os.path.join(args.out, "responses.jsonl"))
+    write_atomic(os.path.join(args.out, "responses.jsonl"), "".join(
+        json.dumps({"model": name, "split": s, "prompt": p, "response": t}) + "\n"
+        for (name, s), texts in responses.items() for p, t in zip(prompts[s], texts)))
 
     scores, group_rows, summaries, rewards = {}, [], [], []
     if args.data == "toy":
@@ -362,7 +399,7 @@ def main(args):
         table += "".join(f"| {r['model']} | {r['split']} | {r['mean']:.2f} | {r['q05']:.2f} | {r['q50']:.2f} | {r['q95']:.2f} | {r['skewness']:.2f} |\n"
                          for r in rewards)
     results = {"winrates": winrates, "groups": group_rows, "group_summary": summaries, "rewards": rewards,
-               "settings": {k: v for k, v in vars(args).items()}}
+               "settings": vars(args)}
     write_atomic(os.path.join(args.out, "table.md"), table)
     write_atomic(os.path.join(args.out, "results.json"), json.dumps(results, indent=1, default=float))
     plot(args.out, model_dirs, group_rows, {(n, s): v for (j, n, s), v in scores.items() if j == "rm"})

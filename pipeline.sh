@@ -73,24 +73,8 @@ if [ "$SWEEP" = 1 ]; then
         --eval_prompts 0 --beta_policy "$beta" --kl_coef "$eta"
     done
   done
-  "$PY" - "$OUT/sweep" <<'PYEOF'
-import glob, json, os, sys
-lines = ["| run | β_policy | η | RL gold (sampled, last 10) | worst true group | RM score | KL | size of the smaller group |",
-         "|---|---:|---:|---:|---|---:|---:|---:|"]
-for run in sorted(glob.glob(os.path.join(sys.argv[1], "*", "metrics.jsonl"))):
-    rows = [r for r in map(json.loads, open(run)) if "gold/mean" in r][-10:]
-    args = json.load(open(os.path.join(os.path.dirname(run), "ppo_args.json")))
-    mean = lambda k: sum(r[k] for r in rows) / len(rows)
-    groups = {k[5:]: mean(k) for k in rows[-1] if k.startswith("gold/") and k != "gold/mean" and all(k in r for r in rows)}
-    worst = min(groups, key=groups.get)
-    smaller = "" if args["no_gi"] else f"{min(mean(k) for k in rows[-1] if k.startswith('groups/size_')):.1f} of {args['rollout_batch']}"
-    lines.append(f"| {os.path.basename(os.path.dirname(run))} | {0 if args['no_gi'] else args['beta_policy']} | {'' if args['lr'] == 0 else args['kl_coef']} | "
-                 f"{mean('gold/mean'):.3f} | {worst} {groups[worst]:.3f} | {mean('objective/scores'):.2f} | {mean('objective/kl'):.2f} | "
-                 f"{smaller} |")
-lines.append("\nsft_lr0 is the SFT policy run through the same iterations with lr 0: the same prompts and sampling seeds, no update.")
-open(os.path.join(sys.argv[1], "sweep.md"), "w").write("\n".join(lines) + "\n")
-print("\n".join(lines))
-PYEOF
+  "$PY" evaluate.py --runs "$OUT"/sweep/*/ | tee "$OUT/sweep/sweep.md"
+  echo "sft_lr0 is the SFT policy run through the same iterations with lr 0: the same prompts and sampling seeds, no update."
   exit 0
 fi
 stage dpo "$OUT/dpo/config.json" "$PY" dpo.py --sft "$OUT/sft" --steps "$DPO_STEPS" --eval_every "$DPO_STEPS" --seed "$SEED" --out "$OUT/dpo" --save_every 0 --gold_prompts 0

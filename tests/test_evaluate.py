@@ -155,6 +155,12 @@ def test_pipeline_end_to_end_with_a_tiny_budget(tmp_path):
     assert {w["judge"] for w in results["winrates"]} == {"gold", "rm"} and {w["split"] for w in results["winrates"]} == {"test", "ood"}
     assert all(abs(w["win"] + w["tie"] + w["lose"] + w["invalid"] - 100) < 1e-6 for w in results["winrates"])
     assert "Win / Tie / Lose" in proc.stdout
+    # --runs: one row per PPO run, its RL gold the mean of the last iterations' gold/mean
+    table = evaluate.run_table([str(tmp_path / "p" / "gi_ppo"), str(tmp_path / "p" / "ppo")], last=2)
+    rows = [json.loads(line) for line in (tmp_path / "p" / "gi_ppo" / "metrics.jsonl").read_text().splitlines()]
+    gold = [r["gold/mean"] for r in rows if "objective/kl" in r][-2:]
+    gi_row = table.splitlines()[2].split(" | ")
+    assert len(table.splitlines()) == 4 and gi_row[1:3] == ["0.05", "0.5"] and float(gi_row[4]) == pytest.approx(sum(gold) / 2, abs=5e-4)
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("skipped") == 9  # every stage's output exists
 
