@@ -5,7 +5,15 @@ softmax over M) is trained to MAXIMIZE the variance of performance across the gr
 
     R_g(θ)      = Σ_i p_φ(g|x_i,y_i) · J_i  /  Σ_i p_φ(g|x_i,y_i)          (soft group mean)
     R_var(θ, φ) = Var( R_g1(θ), R_g2(θ), …, R_gM(θ) )                      (population variance)
-    J_i         = Σ_t log π_θ(a_t|s_t) · R_t                                (the slide's per-trajectory term)
+
+What J_i is (METHOD.md, "the per-trajectory term J_i"): R_g(θ) is group g's expected return, so
+J_i's *value* is trajectory i's scalar return G_i, and its θ-*gradient* is a policy gradient. The
+chain rule then gives Stage 2's term as a weight per trajectory (`variance_weights`):
+
+    ∇_θ R_var = Σ_g ∂R_var/∂R_g · ∇_θ R_g = Σ_i w_i · ∇_θ S_i,   w_i = ∂R_var/∂G_i
+
+with S_i(θ) trajectory i's policy-gradient surrogate (ppo_gi.py). The slide-literal reading,
+J_i = Σ_t log π_θ(a_t|s_t)·R_t taken as a value, stays available as `ppo_gi.py --j_form slide`.
 
 With hard 0/1 probabilities R_g is the slide's indicator form. Soft probabilities replace the
 indicator (as in EIIL); normalizing by the soft group size (not by N) keeps φ from winning by
@@ -14,7 +22,8 @@ a near-empty group whose mean is the batch's largest J_i maximizes the variance,
 then collapses. Our remedy (not in the paper; `--min_group_frac`, 0 turns it off): a group counts
 at least n_min = min_group_frac · B / M samples in the denominator (default 1, its fair share).
 A small group's R_g is then its sum over n_min, which grows as more same-signed samples join it,
-so φ gains more by splitting the batch than by isolating an outlier. Stage 2 (ppo_gi.py) trains the policy to minimize R_var.
+so φ gains more by splitting the batch than by isolating an outlier. Stage 2 (ppo_gi.py) trains the
+policy to minimize R_var.
 
 Standalone: infer the groups of saved rollouts (ppo_gi.py writes OUT/rollouts.jsonl) with the
 critic's group head, and print each group's soft size, mean reward and, on the built-in task, how
@@ -63,6 +72,32 @@ def variance_penalty(group_returns):
     """R_var: the population variance of the M group values (mean squared deviation from their mean)."""
     # R_var(θ, φ) = Var(R_g1(θ), …, R_gM(θ))
     return ((group_returns - group_returns.mean()) ** 2).mean()
+
+
+def variance_weights(returns, probs, n_min=0.0, reduce=None, eps=1e-8):
+    """w_i = ∂R_var/∂G_i [B], detached: how much trajectory i's return moves R_var, with R_g and
+    R_var exactly as `group_returns` and `variance_penalty` define them. The derivation:
+
+        R_g   = Σ_i p_ig·G_i / D_g,    D_g = max(Σ_i p_ig, n_min)     (p_ig = p_φ(g|x_i,y_i), fixed)
+        R_var = (1/M)·Σ_g (R_g − R̄)²,  R̄ = (1/M)·Σ_g R_g
+        ∂R_var/∂R_g = (2/M)·(R_g − R̄)          (the terms through R̄ sum to zero: Σ_g (R_g − R̄) = 0)
+        ∂R_g/∂G_i   = p_ig / D_g
+        w_i = Σ_g ∂R_var/∂R_g · ∂R_g/∂G_i = (2/M)·Σ_g (R_g − R̄)·p_ig / D_g
+
+    A trajectory in a group above the mean gets w_i > 0, one below it w_i < 0: descending
+    Σ_i w_i·S_i(θ) lowers the returns of the best group and raises those of the worst.
+    `reduce` sums the group sums over ranks, so the weights use the whole global batch."""
+    returns, probs = returns.detach(), probs.detach()
+    weighted, size = (probs * returns[:, None]).sum(0), probs.sum(0)
+    if reduce is not None:
+        weighted, size = reduce(weighted), reduce(size)
+    denom = size.clamp(min=n_min) + eps
+    r_g = weighted / denom
+    m = r_g.shape[0]
+    # ∂R_var/∂R_g = (2/M)·(R_g − R̄)
+    d_var_d_rg = 2.0 / m * (r_g - r_g.mean())
+    # w_i = Σ_g ∂R_var/∂R_g · p_φ(g|x_i,y_i) / D_g
+    return (probs * (d_var_d_rg / denom)[None, :]).sum(-1)
 
 
 class Critic(reward.RewardModel):

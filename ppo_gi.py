@@ -4,18 +4,20 @@ The policy θ starts from SFT, the frozen reference π^SFT too; the critic (valu
 classifier p_φ of groups.py) starts from the reward model. Each iteration, numbered as the paper's
 algorithm box:
   1. sample responses to a batch of prompts from π_θ;
-  2. score them with the reward model r_ψ (a response with no EOS gets a fixed low score);
+  2. score them with the reward model r_ψ (a response with no EOS scores below every finished one);
   3. compute log π_θ (old), log π^SFT, V(s_t) and p_φ(g|x,y) on the samples, without gradient;
   4. token rewards: −η·p_φ(g_high|x,y)·KL_t on every response token, + the score on the last one;
   5. GAE advantages and returns;
   6. PPO epochs: θ descends the clipped surrogate + β_policy·R_var (φ fixed); the critic descends
      the clipped value loss − β_critic·R_var (θ's terms detached), i.e. φ ascends R_var.
+     R_var's θ-gradient is the chain rule's: Σ_i w_i·∇_θ S_i with w_i = ∂R_var/∂G_i (groups.py).
 
 Flags give the paper's baselines and ablations with the same code:
   --no_gi          plain PPO with KL (β_policy = β_critic = 0, p_high ≡ 1)
   --kl_coef 0      PPO without KL (the paper's "PPO", with --no_gi)
   --fixed_kl       group invariance without the adaptive KL (p_high ≡ 1)
   --beta_policy 0  adaptive KL without the group invariant term
+  --shuffle_rewards  the no-signal control: what the update moves with no reward information
 
     python ppo_gi.py                                   # GI-PPO on the built-in task, 1 process
     torchrun --nproc_per_node 2 ppo_gi.py              # the same on 2 CPU processes (FSDP2, gloo)
@@ -62,11 +64,12 @@ parser.add_argument("--lr", type=float, default=1e-4, help="policy learning rate
 parser.add_argument("--critic_lr", type=float, default=3e-4, help="critic + group head learning rate (1.5e-6 at 7B)")
 parser.add_argument("--kl_coef", type=float, default=0.05, help="η: KL penalty coefficient (0: PPO without KL)")
 parser.add_argument("--kl_estimator", choices=["k1", "k3"], default="k1", help="per-token KL estimate penalized and logged")
-parser.add_argument("--beta_policy", type=float, default=0.01, help="β_policy: weight of R_var in the policy loss (best of the README's first sweep, from the 1,000-step SFT; pipeline.sh uses its own sweep's 0.05)")
-parser.add_argument("--beta_critic", type=float, default=1.0, help="β_critic: weight of R_var (maximized) in the critic loss")
+parser.add_argument("--beta_policy", type=float, default=0.5, help="β_policy: weight of R_var in the policy loss (how far learning shifts from the best group to the worst)")
+parser.add_argument("--beta_critic", type=float, default=1.0, help="β_critic: weight of R_var / Var(G) (maximized, so scale-free) in the critic loss")
 parser.add_argument("--n_groups", type=int, default=2, help="M, the number of inferred groups")
 parser.add_argument("--min_group_frac", type=float, default=1.0, help="a group's mean divides by at least this · batch / M samples, so φ cannot isolate one outlier (0: the slide's raw soft mean)")
-parser.add_argument("--j_form", choices=["slide", "alternative"], default="slide", help="J_i: slide = Σ_t log π_θ·R_t for θ and φ; alternative = PPO ratio surrogate for θ, scalar return for φ")
+parser.add_argument("--j_form", choices=["derived", "slide"], default="derived", help="J_i inside R_g: derived = value G_i (the return), θ-gradient of the PPO surrogate S_i (the chain rule); slide = Σ_t log π_θ·R_t taken as a value")
+parser.add_argument("--grad_cos", type=int, default=1, help="log groups/grad_cos, the cosine between the θ-gradients of the PPO and group terms (one extra backward per iteration; 0: off)")
 parser.add_argument("--no_gi", action="store_true", help="plain PPO: no group invariant term, p_high ≡ 1")
 parser.add_argument("--fixed_kl", action="store_true", help="keep group invariance, but p_high ≡ 1 (no adaptive KL)")
 parser.add_argument("--gamma", type=float, default=1.0, help="GAE γ")
@@ -74,7 +77,8 @@ parser.add_argument("--lam", type=float, default=0.95, help="GAE λ")
 parser.add_argument("--cliprange", type=float, default=0.2, help="PPO ratio clip ε")
 parser.add_argument("--cliprange_value", type=float, default=0.2, help="value clip")
 parser.add_argument("--whiten_advantages", type=int, default=1, help="whiten advantages over valid tokens of the rollout, all ranks (1) or not (0)")
-parser.add_argument("--no_eos_penalty", type=float, default=-1.0, help="score (in normalized units) given to a response that never emits EOS")
+parser.add_argument("--no_eos_margin", type=float, default=1.0, help="a response that never emits EOS scores this far (scaled units) below the batch's lowest finished response")
+parser.add_argument("--shuffle_rewards", action="store_true", help="no-signal control: permute the scores within each rollout batch, so any change is the update's noise")
 parser.add_argument("--reward_clip", type=float, default=0.0, help="clip the scaled score to ±this (0: off; PPO-max uses 0.8)")
 parser.add_argument("--eval_prompts", type=int, default=200, help="toy only: greedy-decode this many test prompts at the end and report gold scores")
 parser.add_argument("--save_every", type=int, default=20, help="checkpoint every K iterations (0: never)")
@@ -138,6 +142,14 @@ def masked_whiten(x, mask, d):
     return (x - mean) * torch.rsqrt(var.clamp(min=1e-8)) * mask
 
 
+def global_min(x, d):
+    """The smallest element over all ranks, as a float."""
+    x = x.min().detach().clone()
+    if d.sharded:
+        dist.all_reduce(x, op=dist.ReduceOp.MIN)
+    return x.item()
+
+
 def global_sum(x, d):
     """Sum over ranks that gradients flow through (the group sums of R_g span the whole minibatch)."""
     if not d.sharded:
@@ -188,6 +200,24 @@ def response_logprobs(model, ids, mask, prompt_len, temperature, with_entropy=Fa
     return logp, ent
 
 
+def shape_scores(args, d, centered, has_eos, running, it):
+    """Step 2's arithmetic on the centred scores [b]: divide by the running std (PPO_DETAILS 8),
+    clip, put a response with no EOS below every finished one (PPO_DETAILS 5), and for the
+    no-signal control shuffle the scores among this rank's samples."""
+    running.update(centered, d)
+    scores = centered / running.std
+    if args.reward_clip:
+        scores = scores.clamp(-args.reward_clip, args.reward_clip)
+    lowest_finished = global_min(torch.where(has_eos, scores, torch.full_like(scores, math.inf)), d)
+    if not math.isfinite(lowest_finished):  # no response in the batch finished
+        lowest_finished = global_min(scores, d)
+    scores = torch.where(has_eos, scores, torch.full_like(scores, lowest_finished - args.no_eos_margin))
+    if args.shuffle_rewards:
+        shuffle = torch.Generator().manual_seed(args.seed * 100003 + it * d.world + d.rank)
+        scores = scores[torch.randperm(len(scores), generator=shuffle).to(scores.device)]
+    return scores
+
+
 def rollout(args, d, policy, reference, critic, scorer, tokenizer, prompts, it, running):
     """Steps 1–5 of the algorithm box on this rank's prompts; returns a dict of [b, …] tensors."""
     policy.eval()
@@ -203,18 +233,14 @@ def rollout(args, d, policy, reference, critic, scorer, tokenizer, prompts, it, 
     mask = torch.cat([q_mask, r_mask], 1).to(d.device)
     r_mask, P = r_mask.to(d.device).float(), q_ids.shape[1]
     with torch.no_grad():
-        # 2. score; no EOS → a fixed low score instead (PPO_DETAILS 5); scale by running std
+        # 2. score; scale by the running std; no EOS → below every finished response (PPO_DETAILS 5)
         if scorer == "gold":
             raw = torch.tensor([data.gold_score(p, t) for p, t in zip(prompts, texts)], device=d.device)
             center = 0.5  # gold scores lie in [0, 1]
         else:
             raw = reward.sequence_rewards(scorer, ids, mask)
             center = scorer.stats["mean"]  # the RM's mean score on its training pairs (reward_stats.json)
-        running.update(raw - center, d)
-        scores = (raw - center) / running.std
-        if args.reward_clip:
-            scores = scores.clamp(-args.reward_clip, args.reward_clip)
-        scores = torch.where(has_eos.to(d.device), scores, torch.full_like(scores, args.no_eos_penalty))
+        scores = shape_scores(args, d, raw - center, has_eos.to(d.device), running, it)
         # 3. old log-probs, reference log-probs, values, group probabilities
         logp, _ = response_logprobs(policy, ids, mask, P, args.temperature)
         ref_logp, _ = response_logprobs(reference, ids, mask, P, args.temperature)
@@ -229,23 +255,57 @@ def rollout(args, d, policy, reference, critic, scorer, tokenizer, prompts, it, 
         rewards = adaptive_kl_rewards(scores, kl, r_mask, p_high, args.kl_coef)
         # 5. advantages and returns
         advantages, returns = gae(rewards, values, r_mask, args.gamma, args.lam)
+        # G_i = Σ_t γ^t·r_t: the trajectory's scalar return, whose group means R_g are (groups.py)
+        seq_returns = (rewards * args.gamma ** torch.arange(rewards.shape[1], device=rewards.device)).sum(-1)
         if args.whiten_advantages:
             advantages = masked_whiten(advantages, r_mask, d)
     return dict(ids=ids, mask=mask, r_mask=r_mask, logp=logp, values=values, returns=returns, advantages=advantages,
-                probs=probs, scores=scores, raw=raw, kl=kl, rewards=rewards, p_high=p_high, g_high=g_high,
+                probs=probs, scores=scores, raw=raw, seq_returns=seq_returns, kl=kl, rewards=rewards, p_high=p_high, g_high=g_high,
                 has_eos=has_eos.float(), texts=texts, prompts=prompts, P=P,
                 perf={"perf/gen_s": t_gen, "perf/score_s": time.perf_counter() - t0 - t_gen})
 
 
-def per_trajectory_terms(args, new_logp, batch, idx, ratio):
-    """J_i for the θ step (with gradient) and for the φ step (detached), per --j_form."""
-    r_mask = batch["r_mask"][idx]
-    if args.j_form == "slide":
-        # J_i = Σ_t log π_θ(a_t|s_t) · R_t   (R_t: the GAE return, detached)
-        j_theta = (new_logp * batch["returns"][idx] * r_mask).sum(-1)
-        return j_theta, j_theta.detach()
-    # alternative: the PPO ratio surrogate Σ_t ratio_t·A_t for θ, the scalar return Σ_t r_t for φ
-    return (ratio * batch["advantages"][idx] * r_mask).sum(-1), (batch["rewards"][idx] * r_mask).sum(-1)
+def per_trajectory_terms(j_form, G, pg_per_token, n_tok, minibatch, new_logp, returns, r_mask):
+    """J_i [b], the per-trajectory term inside R_g(θ) for the θ step."""
+    if j_form == "derived":
+        # S_i(θ): trajectory i's clipped surrogate, scaled so that its mean over the global minibatch is
+        # the PPO objective −pg_loss (Σ_i,t over n_tok tokens): both terms share a scale
+        S = -pg_per_token.sum(-1) * minibatch / n_tok
+        # J_i = G_i + S_i − stopgrad(S_i): value G_i (the return), gradient ∇_θ S_i. Through R_g, R_var:
+        #   ∇_θ R_var = Σ_g ∂R_var/∂R_g · ∇_θ R_g = Σ_i w_i · ∇_θ S_i,   w_i = ∂R_var/∂G_i (groups.py)
+        return G.detach() + S - S.detach()
+    # --j_form slide: J_i = Σ_t log π_θ(a_t|s_t) · R_t  (R_t: the GAE return, detached)
+    return (new_logp * returns * r_mask).sum(-1)
+
+
+def optimizer_step(loss, model, optimizer, log_stats, backward=True):
+    """Backward (unless the gradients are already in .grad), clip at 1.0, step; a non-finite loss
+    or gradient norm skips the step and is counted (PPO_DETAILS 13, 18)."""
+    if backward:
+        loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    if torch.isfinite(loss) and torch.isfinite(norm):
+        optimizer.step()
+    else:
+        log_stats["skipped"] = log_stats.get("skipped", 0) + 1
+    optimizer.zero_grad(set_to_none=True)
+
+
+def gradient_cosine(model, first_loss, second_loss, d):
+    """Backward both losses into .grad (their sum, ready for the step) and return the cosine between
+    the two θ-gradients: one extra backward pass, on the graph kept from the first."""
+    first_loss.backward(retain_graph=True)
+    params = [p for p in model.parameters() if p.grad is not None]
+    first = [p.grad.detach().clone() for p in params]
+    second_loss.backward()
+    local = lambda g: g.to_local() if hasattr(g, "to_local") else g  # noqa: E731  a rank's shard under FSDP2
+    dots = torch.zeros(3)
+    for p, g1 in zip(params, first):
+        a, b = local(g1).float(), local(p.grad.detach() - g1).float()
+        dots += torch.stack([(a * b).sum(), (a * a).sum(), (b * b).sum()]).cpu()
+    dots = plumbing.all_reduce_sum(dots.to(d.device), d)
+    return (dots[0] / (dots[1].sqrt() * dots[2].sqrt()).clamp(min=1e-20)).item()
 
 
 def ppo_update(args, d, policy, critic, opt_policy, opt_critic, batch, log_stats, it=0):
@@ -255,57 +315,79 @@ def ppo_update(args, d, policy, critic, opt_policy, opt_critic, batch, log_stats
     n_local = batch["ids"].shape[0]
     n_mb = args.rollout_batch // args.minibatch
     gen = torch.Generator().manual_seed(args.seed * 100003 + it)
-    reduce = lambda x: global_sum(x, d)  # noqa: E731
+    reduce = lambda x: global_sum(x, d)  # noqa: E731  sums over ranks that gradients flow through
     n_min = args.min_group_frac * args.minibatch / args.n_groups  # groups.py: the least size of a group
     for epoch in range(args.ppo_epochs):
         # epoch 0 keeps the rollout order (already a random draw of prompts): global minibatch k is
         # then the same samples under any number of ranks. Later epochs: a fresh permutation of each
         # rank's samples, the same on all ranks (PPO_DETAILS 14).
         order = torch.arange(n_local) if epoch == 0 else torch.randperm(n_local, generator=gen)
-        for idx in order.chunk(n_mb):
+        for k, idx in enumerate(order.chunk(n_mb)):
             ids, mask, r_mask, P = batch["ids"][idx], batch["mask"][idx], batch["r_mask"][idx], batch["P"]
-            n_tok = plumbing.all_reduce_sum(r_mask.sum().clone(), d)
-            adv, old_logp = batch["advantages"][idx], batch["logp"][idx]
-            # θ step: clipped surrogate + β_policy·R_var(θ, φ) with p_φ fixed (rollout-time, detached)
+            n_tok = plumbing.all_reduce_sum(r_mask.sum().clone(), d)  # response tokens, all ranks
+            adv, old_logp, probs = batch["advantages"][idx], batch["logp"][idx], batch["probs"][idx]
+            G = batch["seq_returns"][idx]  # G_i: trajectory i's scalar return Σ_t γ^t·r_t
             new_logp, ent = response_logprobs(policy, ids, mask, P, args.temperature, with_entropy=True)
             ratio = (new_logp - old_logp).exp()
-            pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - args.cliprange, 1 + args.cliprange))
-            pg_loss = (pg * r_mask).sum() / n_tok
-            j_theta, j_phi = per_trajectory_terms(args, new_logp, batch, idx, ratio)
-            r_var_theta = groups.variance_penalty(groups.group_returns(j_theta, batch["probs"][idx].detach(), reduce, n_min))
-            # ∇_θ: E[Σ_t ∇ log π_θ(a_t|s_t) R_t] − β_policy · ∇_θ R_var(θ, φ)   (as a loss to descend)
-            policy_loss = pg_loss * d.world + (args.beta_policy * r_var_theta if gi else 0.0)
-            # critic step: clipped value loss − β_critic·R_var with θ's terms detached (φ ascends R_var)
+
+            # Policy loss: the clipped surrogate, a per-token mean over the global minibatch
+            pg_loss1 = -adv * ratio
+            pg_loss2 = -adv * torch.clamp(ratio, 1 - args.cliprange, 1 + args.cliprange)
+            pg_per_token = torch.max(pg_loss1, pg_loss2) * r_mask
+            pg_loss = pg_per_token.sum() / n_tok
+
+            # Group invariant term: R_var(θ, φ) with p_φ fixed (the rollout's probabilities, detached)
+            J = per_trajectory_terms(args.j_form, G, pg_per_token, n_tok, args.minibatch,
+                                     new_logp, batch["returns"][idx], r_mask)
+            # R_g(θ) = Σ_i p_φ(g|x_i,y_i)·J_i / max(Σ_i p_φ(g|x_i,y_i), n_min);  R_var(θ, φ) = Var(R_g1..R_gM)
+            r_var_theta = groups.variance_penalty(groups.group_returns(J, probs.detach(), reduce, n_min))
+            # ∇_θ: E[Σ_t ∇ log π_θ(a_t|s_t) R_t] − β_policy · ∇_θ R_var(θ, φ), as a loss to descend.
+            # × d.world: FSDP2 averages gradients over ranks, and pg_loss is already a mean over the global
+            # minibatch (n_tok counts every rank's tokens). R_var needs no factor: its all-reduced group sums
+            # sum its gradient over ranks in the backward pass, which the average then undoes.
+            gi_loss = args.beta_policy * r_var_theta if gi else 0.0
+            if gi and k == 0 and epoch == 0 and args.grad_cos:
+                log_stats["groups/grad_cos"] = [gradient_cosine(policy, pg_loss * d.world, gi_loss, d)]
+                optimizer_step(pg_loss * d.world + gi_loss, policy, opt_policy, log_stats, backward=False)
+            else:
+                optimizer_step(pg_loss * d.world + gi_loss, policy, opt_policy, log_stats)
+
+            # Value loss: clipped, a per-token mean over the global minibatch
             values, group_logits = critic(ids, mask)
             v = values[:, P - 1:-1]
             old_v, returns = batch["values"][idx], batch["returns"][idx]
-            v_clip = old_v + (v - old_v).clamp(-args.cliprange_value, args.cliprange_value)
-            vf = 0.5 * torch.max((v - returns) ** 2, (v_clip - returns) ** 2)
-            vf_loss = (vf * r_mask).sum() / n_tok
-            r_var_phi = groups.variance_penalty(groups.group_returns(j_phi, group_logits.softmax(-1), reduce, n_min))
+            v_loss_unclipped = (v - returns) ** 2
+            v_clipped = old_v + torch.clamp(v - old_v, -args.cliprange_value, args.cliprange_value)
+            v_loss_clipped = (v_clipped - returns) ** 2
+            vf_loss = (0.5 * torch.max(v_loss_unclipped, v_loss_clipped) * r_mask).sum() / n_tok
+
+            # Group inference: φ ascends R_var of the detached per-trajectory terms (θ fixed). Divided by
+            # the minibatch variance of those terms, so β_critic means the same at any reward scale.
+            j_phi = G if args.j_form == "derived" else J.detach()
+            moments = torch.stack([torch.ones_like(j_phi).sum(), j_phi.sum(), (j_phi ** 2).sum()])
+            n, total, squares = plumbing.all_reduce_sum(moments, d)
+            var_j = squares / n - (total / n) ** 2
+            p_phi = group_logits.softmax(-1)
+            r_var_phi = groups.variance_penalty(groups.group_returns(j_phi, p_phi, reduce, n_min)) / (var_j + 1e-8)
             critic_loss = vf_loss * d.world - (args.beta_critic * r_var_phi if gi else 0.0)
-            for loss, model, opt in ((policy_loss, policy, opt_policy), (critic_loss, critic, opt_critic)):
-                loss.backward()
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-                if not (torch.isfinite(loss) and torch.isfinite(norm)):  # skip, log, keep going (PPO_DETAILS 18)
-                    opt.zero_grad(set_to_none=True)
-                    log_stats["skipped"] = log_stats.get("skipped", 0) + 1
-                    continue
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+            optimizer_step(critic_loss, critic, opt_critic, log_stats)
+
             with torch.no_grad():
                 sums = torch.stack([
                     pg_loss * n_tok, vf_loss * n_tok,
-                    (0.5 * (new_logp - old_logp) ** 2 * r_mask).sum(),                        # policy/approxkl
-                    (((ratio - 1).abs() > args.cliprange).float() * r_mask).sum(),            # policy/clipfrac
-                    (ent * r_mask).sum(),                                                      # policy/entropy
-                    (((v - old_v).abs() > args.cliprange_value).float() * r_mask).sum()])     # val/clipfrac
+                    (0.5 * (new_logp - old_logp) ** 2 * r_mask).sum(),                    # policy/approxkl
+                    (((ratio - 1).abs() > args.cliprange).float() * r_mask).sum(),        # policy/clipfrac
+                    (ent * r_mask).sum(),                                                  # policy/entropy
+                    (((v - old_v).abs() > args.cliprange_value).float() * r_mask).sum()])  # val/clipfrac
                 sums = plumbing.all_reduce_sum(sums, d) / n_tok
-            for k, v_ in zip(["policy/loss", "val/loss", "policy/approxkl", "policy/clipfrac", "policy/entropy", "val/clipfrac"], sums.tolist()):
-                log_stats.setdefault(k, []).append(v_)
+                w = groups.variance_weights(G, probs, n_min, lambda x: plumbing.all_reduce_sum(x, d))
+                w_abs = plumbing.all_reduce_sum(torch.stack([w.abs().sum(), torch.ones_like(w).sum()]), d)
+            names = ["policy/loss", "val/loss", "policy/approxkl", "policy/clipfrac", "policy/entropy", "val/clipfrac"]
+            for name, value in zip(names, sums.tolist()):
+                log_stats.setdefault(name, []).append(value)
             log_stats.setdefault("groups/r_var_theta", []).append(r_var_theta.item())
             log_stats.setdefault("groups/r_var_phi", []).append(r_var_phi.item())
+            log_stats.setdefault("groups/weight_abs_mean", []).append((w_abs[0] / w_abs[1]).item())
 
 
 def iteration_metrics(args, d, batch, stats, running):

@@ -109,32 +109,25 @@ def rollout_batch(toy_sft_dir):
     return args, policy, critic, batch
 
 
-def _r_var_theta(args, policy, batch, probs):
-    idx = torch.arange(batch["ids"].shape[0])
-    new_logp, _ = ppo_gi.response_logprobs(policy, batch["ids"], batch["mask"], batch["P"], args.temperature)
-    j_theta, j_phi = ppo_gi.per_trajectory_terms(args, new_logp, batch, idx, (new_logp - batch["logp"]).exp())
-    return groups.variance_penalty(groups.group_returns(j_theta, probs)), j_phi
-
-
-def test_phi_step_raises_r_var_theta_step_lowers_it_and_gradients_stay_with_their_player(rollout_batch):
+def test_phi_step_raises_r_var_and_each_step_gradient_stays_with_its_player(rollout_batch):
     args, policy, critic, batch = rollout_batch
     for p in list(policy.parameters()) + list(critic.parameters()):
         p.grad = None
+    ids, mask, r_mask, G = batch["ids"], batch["mask"], batch["r_mask"], batch["seq_returns"]
     # θ step: p_φ fixed (detached) -> no gradient reaches the critic / group head
     with torch.no_grad():
-        probs = critic(batch["ids"], batch["mask"])[1].softmax(-1)
-    r_var, j_phi = _r_var_theta(args, policy, batch, probs)
-    r_var.backward()
-    assert all(p.grad is None for p in critic.parameters())
+        probs = critic(ids, mask)[1].softmax(-1)
+    new_logp, _ = ppo_gi.response_logprobs(policy, ids, mask, batch["P"], args.temperature)
+    pg = -batch["advantages"] * (new_logp - batch["logp"]).exp() * r_mask
+    J = ppo_gi.per_trajectory_terms("derived", G, pg, r_mask.sum(), len(G), new_logp, batch["returns"], r_mask)
+    assert torch.allclose(J, G)  # its value is the return ...
+    groups.variance_penalty(groups.group_returns(J, probs)).backward()
+    assert all(p.grad is None for p in critic.parameters())  # ... its gradient the policy's
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.parameters())
-    with torch.no_grad():
-        for p in policy.parameters():
-            p -= 1e-4 * p.grad / (p.grad.norm() + 1e-12)
-            p.grad = None
-    r_var_after, _ = _r_var_theta(args, policy, batch, probs)
-    assert r_var_after.item() < r_var.item()
-    # φ step: J_i detached -> no gradient reaches the policy; ascending raises R_var
-    phi = groups.variance_penalty(groups.group_returns(j_phi, critic(batch["ids"], batch["mask"])[1].softmax(-1)))
+    for p in policy.parameters():
+        p.grad = None
+    # φ step: the returns are data -> no gradient reaches the policy; ascending raises R_var
+    phi = groups.variance_penalty(groups.group_returns(G, critic(ids, mask)[1].softmax(-1)))
     (-phi).backward()
     assert all(p.grad is None for p in policy.parameters())
     assert critic.group_head.weight.grad.abs().sum() > 0
@@ -143,8 +136,100 @@ def test_phi_step_raises_r_var_theta_step_lowers_it_and_gradients_stay_with_thei
             if p.grad is not None:
                 p -= 1e-3 * p.grad / (p.grad.norm() + 1e-12)
                 p.grad = None
-    phi_after = groups.variance_penalty(groups.group_returns(j_phi, critic(batch["ids"], batch["mask"])[1].softmax(-1)))
+    phi_after = groups.variance_penalty(groups.group_returns(G, critic(ids, mask)[1].softmax(-1)))
     assert phi_after.item() > phi.item()
+
+
+@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize("n_min", [0.0, 5.0])
+def test_variance_weights_equal_autograd_of_r_var_in_the_returns(soft, n_min):
+    gen = torch.Generator().manual_seed(3)
+    returns = torch.randn(12, generator=gen, dtype=torch.float64, requires_grad=True)
+    probs = (3 * torch.randn(12, 3, generator=gen, dtype=torch.float64)).softmax(-1)
+    if not soft:
+        probs = torch.nn.functional.one_hot(probs.argmax(-1), 3).double()
+    assert probs.sum(0).min() < 5.0  # the floor n_min = 5 binds for at least one group
+    groups.variance_penalty(groups.group_returns(returns, probs, min_size=n_min)).backward()
+    w = groups.variance_weights(returns, probs, n_min)
+    assert torch.allclose(w, returns.grad, atol=1e-12) and not w.requires_grad
+
+
+def test_theta_group_term_gradient_is_the_weighted_sum_of_surrogate_gradients(rollout_batch):
+    """Through group_returns / variance_penalty, J_i = G_i + S_i − stopgrad(S_i) gives exactly
+    Σ_i w_i·∇_θ S_i with w_i = ∂R_var/∂G_i, computed here the explicit way."""
+    args, policy, critic, batch = rollout_batch
+    ids, mask, r_mask, G = batch["ids"], batch["mask"], batch["r_mask"], batch["seq_returns"]
+    probs = torch.softmax(torch.randn(len(G), 2, generator=torch.Generator().manual_seed(0)), -1)
+    grads = []
+    for form in ("magic box", "explicit"):
+        for p in policy.parameters():
+            p.grad = None
+        new_logp, _ = ppo_gi.response_logprobs(policy, ids, mask, batch["P"], args.temperature)
+        ratio = (new_logp - batch["logp"]).exp()
+        adv = batch["advantages"]
+        pg = torch.max(-adv * ratio, -adv * ratio.clamp(0.8, 1.2)) * r_mask
+        n_tok = r_mask.sum()
+        if form == "magic box":
+            J = ppo_gi.per_trajectory_terms("derived", G, pg, n_tok, len(G), new_logp, batch["returns"], r_mask)
+            groups.variance_penalty(groups.group_returns(J, probs, min_size=4.0)).backward()
+        else:
+            S = -pg.sum(-1) * len(G) / n_tok
+            (groups.variance_weights(G, probs, 4.0) * S).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None]))
+    scale = grads[0].abs().max()  # float32: equal up to rounding
+    assert scale > 0 and (grads[0] - grads[1]).abs().max() < 1e-4 * scale, (grads[0] - grads[1]).abs().max() / scale
+
+
+def test_group_term_matches_the_closed_form_gradient_of_r_var_on_a_softmax_bandit():
+    """Two prompts (the groups, fixed membership), four responses each with known rewards r(x, y),
+    π_θ(y|x) = softmax(θ_x). Closed form: R_g = Σ_y π(y|x_g)·r(x_g, y), R_var = Var(R_0, R_1).
+    The θ loss's group term on 50,000 samples estimates ∇_θ R_var within 5% (relative error of the
+    gradient vector; measured 0.6–1.9% over sampling seeds 1–6). The slide-literal J_i does not: its
+    gradient points the other way (cosine −0.9995 here), so descending it would raise R_var."""
+    rewards = torch.tensor([[1.0, 0.8, 0.2, 0.0], [0.5, 0.3, 0.1, 0.0]], dtype=torch.float64)
+    theta0 = torch.tensor([[0.5, 0.0, 0.3, -0.2], [0.0, 0.4, -0.3, 0.1]], dtype=torch.float64)
+
+    def r_var_closed_form(theta):
+        r_g = (theta.softmax(-1) * rewards).sum(-1)
+        return ((r_g - r_g.mean()) ** 2).mean()
+
+    theta = theta0.clone().requires_grad_(True)
+    r_var_closed_form(theta).backward()
+    exact = theta.grad.clone()
+    n = 50_000
+    x = torch.arange(n) % 2
+    y = torch.multinomial(theta0.softmax(-1)[x], 1, generator=torch.Generator().manual_seed(1)).squeeze(-1)
+    G, probs = rewards[x, y], torch.nn.functional.one_hot(x, 2).double()
+    estimates = {}
+    for form in ("derived", "slide"):
+        theta = theta0.clone().requires_grad_(True)
+        logp = theta.log_softmax(-1)[x, y][:, None]  # one token per response
+        ratio = (logp - logp.detach()).exp()
+        adv = (G - groups.group_returns(G, probs)[x])[:, None]  # the group mean as the baseline
+        pg = torch.max(-adv * ratio, -adv * ratio.clamp(0.8, 1.2))
+        J = ppo_gi.per_trajectory_terms(form, G, pg, torch.tensor(float(n)), n, logp, G[:, None], torch.ones_like(pg))
+        groups.variance_penalty(groups.group_returns(J, probs)).backward()
+        estimates[form] = theta.grad
+    rel_err = ((estimates["derived"] - exact).norm() / exact.norm()).item()
+    cosine = lambda a, b: ((a * b).sum() / (a.norm() * b.norm())).item()  # noqa: E731
+    assert rel_err < 0.05, rel_err
+    assert cosine(estimates["slide"], exact) < -0.9, cosine(estimates["slide"], exact)
+    # descending the estimate lowers the true R_var; descending the slide-literal one raises it
+    for form, direction in (("derived", -1), ("slide", 1)):
+        after = r_var_closed_form(theta0 - 0.5 * estimates[form])
+        assert (after - r_var_closed_form(theta0)).sign().item() == direction, form
+
+
+def test_scores_put_unfinished_responses_below_every_finished_one_and_shuffle_permutes():
+    args = ppo_gi.parser.parse_args([])
+    centered = torch.tensor([0.3, -2.0, 1.5, 0.1, -0.4, 9.0])
+    has_eos = torch.tensor([True, True, False, True, True, False])
+    scores = ppo_gi.shape_scores(args, plumbing.Dist(), centered, has_eos, ppo_gi.RunningStd(), 0)
+    assert scores[~has_eos].max() < scores[has_eos].min() - 0.99  # the margin, in scaled units
+    assert torch.allclose(scores[has_eos] / scores[0], centered[has_eos] / centered[0])  # the rest only scaled
+    args.shuffle_rewards = True
+    shuffled = ppo_gi.shape_scores(args, plumbing.Dist(), centered, has_eos, ppo_gi.RunningStd(), 0)
+    assert not torch.equal(shuffled, scores) and torch.equal(shuffled.sort().values, scores.sort().values)
 
 
 def test_one_ppo_update_under_torchrun_equals_one_process(toy_sft_dir, tmp_path):
