@@ -12,7 +12,9 @@ chain rule then gives Stage 2's term as a weight per trajectory (`variance_weigh
 
     ∇_θ R_var = Σ_g ∂R_var/∂R_g · ∇_θ R_g = Σ_i w_i · ∇_θ S_i,   w_i = ∂R_var/∂G_i
 
-with S_i(θ) trajectory i's policy-gradient surrogate (ppo_gi.py). The slide-literal reading,
+with S_i(θ) trajectory i's policy-gradient surrogate (ppo_gi.py). This treats p_φ as fixed per
+trajectory: exact when the groups are a function of the prompt, an approximation when p_φ also
+reads the response (as the critic's head does). The slide-literal reading,
 J_i = Σ_t log π_θ(a_t|s_t)·R_t taken as a value, stays available as `ppo_gi.py --j_form slide`.
 
 With hard 0/1 probabilities R_g is the slide's indicator form. Soft probabilities replace the
@@ -129,9 +131,19 @@ def load_critic(path, tokenizer, n_groups, seed=0):
     return critic
 
 
+def centered(values, reduce=None):
+    """values − their mean over the global batch (`reduce` sums over ranks). With the floor n_min a
+    small group's mean is pulled towards 0; centring makes that the batch mean, so R_g, R_var and
+    the weights w_i do not depend on where zero is on the reward scale."""
+    total = torch.stack([values.detach().sum(), values.new_tensor(float(values.shape[0]))])
+    if reduce is not None:
+        total = reduce(total)
+    return values - total[0] / total[1]
+
+
 def high_group(rewards, probs, reduce=None, min_size=0.0):
     """g_high: the group whose soft mean of the scalar reward is highest, recomputed every batch."""
-    return int(group_returns(rewards, probs, reduce, min_size).argmax())
+    return int(group_returns(centered(rewards, reduce), probs, reduce, min_size).argmax())
 
 
 def read_rollouts(path):

@@ -64,7 +64,7 @@ parser.add_argument("--lr", type=float, default=2e-5, help="policy learning rate
 parser.add_argument("--critic_lr", type=float, default=3e-4, help="critic + group head learning rate: the value head must track returns within a few iterations (1.5e-6 at 7B)")
 parser.add_argument("--kl_coef", type=float, default=0.05, help="η: KL penalty coefficient (0: PPO without KL)")
 parser.add_argument("--kl_estimator", choices=["k1", "k3"], default="k1", help="per-token KL estimate penalized and logged")
-parser.add_argument("--beta_policy", type=float, default=0.5, help="β_policy: weight of R_var in the policy loss (how far learning shifts from the best group to the worst)")
+parser.add_argument("--beta_policy", type=float, default=0.5, help="β_policy: weight of R_var in the policy loss: how far learning shifts from the best group to the worst (at β_policy·groups/weight_abs_mean > 1 the best group's PPO signal reverses)")
 parser.add_argument("--beta_critic", type=float, default=1.0, help="β_critic: weight of R_var / Var(G) (maximized, so scale-free) in the critic loss")
 parser.add_argument("--n_groups", type=int, default=2, help="M, the number of inferred groups")
 parser.add_argument("--min_group_frac", type=float, default=1.0, help="a group's mean divides by at least this · batch / M samples, so φ cannot isolate one outlier (0: the slide's raw soft mean)")
@@ -78,7 +78,7 @@ parser.add_argument("--cliprange", type=float, default=0.2, help="PPO ratio clip
 parser.add_argument("--cliprange_value", type=float, default=0.2, help="value clip")
 parser.add_argument("--whiten_advantages", type=int, default=1, help="whiten advantages over valid tokens of the rollout, all ranks (1) or not (0)")
 parser.add_argument("--no_eos_margin", type=float, default=1.0, help="a response that never emits EOS scores this far (scaled units) below the batch's lowest finished response")
-parser.add_argument("--shuffle_rewards", action="store_true", help="no-signal control: permute the scores within each rollout batch, so any change is the update's noise")
+parser.add_argument("--shuffle_rewards", action="store_true", help="no-signal control: permute the final scores (no-EOS floor included) within each rank's share of the rollout batch, so any change is the update's noise")
 parser.add_argument("--reward_clip", type=float, default=0.0, help="clip the scaled score to ±this (0: off; PPO-max uses 0.8)")
 parser.add_argument("--eval_prompts", type=int, default=200, help="toy only: greedy-decode this many test prompts at the end and report gold scores")
 parser.add_argument("--save_every", type=int, default=20, help="checkpoint every K iterations (0: never)")
@@ -168,9 +168,10 @@ class RunningStd:
         self.count, self.mean, self.m2 = 0.0, 0.0, 0.0
 
     def update(self, x, d):
-        s = plumbing.all_reduce_sum(torch.stack([x.new_tensor(float(len(x))), x.sum(), (x * x).sum()]).double(), d)
+        x = x.double()  # sums of squares in float64: float32 can make m2 of equal values negative
+        s = plumbing.all_reduce_sum(torch.stack([x.new_tensor(float(len(x))), x.sum(), (x * x).sum()]), d)
         n, mean = s[0].item(), (s[1] / s[0]).item()
-        m2 = (s[2] - s[0] * mean ** 2).item()
+        m2 = max((s[2] - s[0] * mean ** 2).item(), 0.0)
         delta, total = mean - self.mean, self.count + n
         self.m2 += m2 + delta ** 2 * self.count * n / total
         self.mean += delta * n / total
@@ -178,7 +179,8 @@ class RunningStd:
 
     @property
     def std(self):
-        return math.sqrt(self.m2 / max(self.count - 1, 1)) if self.count > 1 else 1.0
+        std = math.sqrt(self.m2 / max(self.count - 1, 1)) if self.count > 1 else 1.0
+        return std if std > 1e-6 else 1.0  # every score so far the same: nothing to scale by
 
 
 def response_logprobs(model, ids, mask, prompt_len, temperature, with_entropy=False):
@@ -213,7 +215,7 @@ def shape_scores(args, d, centered, has_eos, running, it):
         lowest_finished = global_min(scores, d)
     scores = torch.where(has_eos, scores, torch.full_like(scores, lowest_finished - args.no_eos_margin))
     if args.shuffle_rewards:
-        shuffle = torch.Generator().manual_seed(args.seed * 100003 + it * d.world + d.rank)
+        shuffle = torch.Generator().manual_seed(args.seed * 100003 + it * d.world + d.rank + 7919)
         scores = scores[torch.randperm(len(scores), generator=shuffle).to(scores.device)]
     return scores
 
@@ -248,7 +250,8 @@ def rollout(args, d, policy, reference, critic, scorer, tokenizer, prompts, it, 
         values = values[:, P - 1:-1]
         probs = group_logits.softmax(-1)
         # g_high: the group with the highest soft mean of the scalar score, recomputed each batch
-        g_high = groups.high_group(scores, probs, lambda x: plumbing.all_reduce_sum(x, d), args.min_group_frac * args.rollout_batch / args.n_groups)
+        g_high = groups.high_group(scores, probs, lambda x: plumbing.all_reduce_sum(x, d),
+                                   args.min_group_frac * args.rollout_batch / args.n_groups)
         p_high = torch.ones_like(scores) if (args.no_gi or args.fixed_kl) else probs[:, g_high]
         # 4. token rewards with the adaptive KL penalty
         kl = kl_per_token(logp, ref_logp, args.kl_estimator) * r_mask
@@ -268,8 +271,8 @@ def rollout(args, d, policy, reference, critic, scorer, tokenizer, prompts, it, 
 def per_trajectory_terms(j_form, G, pg_per_token, n_tok, minibatch, new_logp, returns, r_mask):
     """J_i [b], the per-trajectory term inside R_g(θ) for the θ step."""
     if j_form == "derived":
-        # S_i(θ): trajectory i's clipped surrogate, scaled so that its mean over the global minibatch is
-        # the PPO objective −pg_loss (Σ_i,t over n_tok tokens): both terms share a scale
+        # S_i(θ): trajectory i's clipped surrogate, scaled so that its mean over the global minibatch
+        # is the PPO objective −pg_loss (Σ_i,t over n_tok tokens): both terms share a scale
         S = -pg_per_token.sum(-1) * minibatch / n_tok
         # J_i = G_i + S_i − stopgrad(S_i): value G_i (the return), gradient ∇_θ S_i. Through R_g, R_var:
         #   ∇_θ R_var = Σ_g ∂R_var/∂R_g · ∇_θ R_g = Σ_i w_i · ∇_θ S_i,   w_i = ∂R_var/∂G_i (groups.py)
@@ -326,7 +329,10 @@ def ppo_update(args, d, policy, critic, opt_policy, opt_critic, batch, log_stats
             ids, mask, r_mask, P = batch["ids"][idx], batch["mask"][idx], batch["r_mask"][idx], batch["P"]
             n_tok = plumbing.all_reduce_sum(r_mask.sum().clone(), d)  # response tokens, all ranks
             adv, old_logp, probs = batch["advantages"][idx], batch["logp"][idx], batch["probs"][idx]
-            G = batch["seq_returns"][idx]  # G_i: trajectory i's scalar return Σ_t γ^t·r_t
+            # G_i: trajectory i's scalar return Σ_t γ^t·r_t, centred on the minibatch mean. R_var does not
+            # depend on where zero is, except through the floor n_min, which should shrink a small group's
+            # R_g towards the batch mean, not towards 0.
+            G = groups.centered(batch["seq_returns"][idx], reduce)
             new_logp, ent = response_logprobs(policy, ids, mask, P, args.temperature, with_entropy=True)
             ratio = (new_logp - old_logp).exp()
 
@@ -380,14 +386,16 @@ def ppo_update(args, d, policy, critic, opt_policy, opt_critic, batch, log_stats
                     (ent * r_mask).sum(),                                                  # policy/entropy
                     (((v - old_v).abs() > args.cliprange_value).float() * r_mask).sum()])  # val/clipfrac
                 sums = plumbing.all_reduce_sum(sums, d) / n_tok
-                w = groups.variance_weights(G, probs, n_min, lambda x: plumbing.all_reduce_sum(x, d))
+                # |w_i| relative to the PPO term's weight 1/B per trajectory: where β_policy·B·|w_i| > 1,
+                # the group term outweighs PPO and reverses a best-group trajectory's update
+                w = groups.variance_weights(G, probs, n_min, lambda x: plumbing.all_reduce_sum(x.clone(), d))
                 w_abs = plumbing.all_reduce_sum(torch.stack([w.abs().sum(), torch.ones_like(w).sum()]), d)
             names = ["policy/loss", "val/loss", "policy/approxkl", "policy/clipfrac", "policy/entropy", "val/clipfrac"]
             for name, value in zip(names, sums.tolist()):
                 log_stats.setdefault(name, []).append(value)
             log_stats.setdefault("groups/r_var_theta", []).append(r_var_theta.item())
             log_stats.setdefault("groups/r_var_phi", []).append(r_var_phi.item())
-            log_stats.setdefault("groups/weight_abs_mean", []).append((w_abs[0] / w_abs[1]).item())
+            log_stats.setdefault("groups/weight_abs_mean", []).append((w_abs[0] / w_abs[1] * args.minibatch).item())
 
 
 def iteration_metrics(args, d, batch, stats, running):

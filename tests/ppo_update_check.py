@@ -30,8 +30,9 @@ for m in (policy, critic):
 generated = plumbing.generate(policy, tok, prompts[:6], max_new_tokens=8)[3]
 mine = torch.arange(8)[d.rank::d.world]
 share = {k: (v[mine] if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in batch.items()}
-opt_p = torch.optim.AdamW(policy.parameters(), lr=1e-3)
-opt_c = torch.optim.AdamW(critic.parameters(), lr=1e-3)
+# SGD, not Adam: Adam's first step is lr·sign(g) and would hide a gradient off by a constant factor
+opt_p = torch.optim.SGD(policy.parameters(), lr=0.1)
+opt_c = torch.optim.SGD(critic.parameters(), lr=0.1)
 stats = {}
 ppo_gi.ppo_update(args, d, policy, critic, opt_p, opt_c, share, stats)
 state = {f"policy.{k}": v for k, v in plumbing._full_model_state(policy, d).items()}
