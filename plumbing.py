@@ -606,7 +606,7 @@ def supervised_loop(args, d, model, optimizer, tokenizer, examples, micro_loss, 
     Returns False if --stop_at ended the run early, True when all steps are done."""
     bar = progress(range(first_step, args.steps), d, initial=first_step, total=args.steps, desc=name)
     t0, seen = time.time(), 0
-    tokens, busy_s = 0, 0.0  # since the last log: non-pad tokens of the global batches, seconds in their steps
+    tokens, busy_s, n_steps = 0, 0.0, 0  # since the last log: non-pad tokens of the global batches, seconds and count of their steps
     for step in bar:
         t_step = time.perf_counter()
         model.train()
@@ -634,14 +634,14 @@ def supervised_loop(args, d, model, optimizer, tokenizer, examples, micro_loss, 
         optimizer.zero_grad(set_to_none=True)
         seen += len(batch)
         tokens += sum(len(part) for example in batch for part in example)  # an example: a tuple of id lists
-        busy_s += time.perf_counter() - t_step
+        busy_s, n_steps = busy_s + time.perf_counter() - t_step, n_steps + 1
 
         out = {}
         if (step + 1) % args.log_every == 0 or step == first_step:
             out = {**metrics, "train/grad_norm": grad_norm, "train/lr": optimizer.param_groups[0]["lr"],
                    "perf/examples_per_s": seen / (time.time() - t0), "perf/peak_rss_mb": peak_rss_mb(),
-                   **perf_metrics(tokens, busy_s, d.device)}
-            tokens, busy_s = 0, 0.0
+                   "perf/step_s": busy_s / n_steps, **perf_metrics(tokens, busy_s, d.device)}
+            tokens, busy_s, n_steps = 0, 0.0, 0
             bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             out.update(evaluate())
