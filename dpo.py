@@ -83,8 +83,8 @@ def main(args):
     train, heldout = data.train_and_heldout(data.load_pairs, args.data, args.split, args.eval_split, seed=args.seed)
     source = os.path.join(ckpt, "model") if ckpt else args.sft
     tokenizer = plumbing.load_tokenizer(source)
-    policy = plumbing.shard(plumbing.load_model(source, tokenizer, seed=args.seed), d, bf16=args.bf16)
-    reference = plumbing.shard(plumbing.load_model(args.sft, tokenizer, seed=args.seed), d, bf16=args.bf16)
+    policy = plumbing.shard(plumbing.load_model(source, tokenizer, seed=args.seed), d, bf16=args.bf16, compile_blocks=args.compile)
+    reference = plumbing.shard(plumbing.load_model(args.sft, tokenizer, seed=args.seed), d, bf16=args.bf16, compile_blocks=args.compile)
     reference.eval().requires_grad_(False)  # π_ref stays the SFT model
     optimizer = plumbing.adamw(policy, args)
     first = plumbing.load_optimizer_state(ckpt, {"model": policy}, {"model": optimizer}, d)["step"] if ckpt else 0

@@ -63,6 +63,7 @@ parser.add_argument("--max_prompt_len", type=int, default=128, help="prompts are
 parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sampling, seeded with --seed")
 parser.add_argument("--batch_size", type=int, default=50, help="prompts per generation batch")
 parser.add_argument("--seed", type=int, default=1, help="seed of sampling and of the llm judge's A/B order")
+parser.add_argument("--bf16", type=int, default=None, help="bf16 autocast compute, fp32 weights (default: on under CUDA, off on CPU)")
 parser.add_argument("--out", default="runs/eval", help="output directory")
 # fmt: on
 
@@ -166,14 +167,16 @@ def respond(args, path, prompts, device):
     if not os.path.exists(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path}: no model here (config.json missing); train it first")
     tokenizer = plumbing.load_tokenizer(path)
-    model = plumbing.load_model(path, tokenizer).to(device).eval()
-    texts = {}
+    model = plumbing.shard(plumbing.load_model(path, tokenizer), plumbing.Dist(device=device), bf16=args.bf16).eval()
+    texts, n_tokens, t0 = {}, 0, time.perf_counter()
     for split, ps in prompts.items():
         texts[split] = []
         for i in range(0, len(ps), args.batch_size):
-            texts[split] += plumbing.generate(model, tokenizer, ps[i:i + args.batch_size], max_new_tokens=args.max_new_tokens,
-                                              temperature=args.temperature, max_prompt_len=args.max_prompt_len, seed=args.seed + i)[3]
-    return texts
+            out = plumbing.generate(model, tokenizer, ps[i:i + args.batch_size], max_new_tokens=args.max_new_tokens,
+                                    temperature=args.temperature, max_prompt_len=args.max_prompt_len, seed=args.seed + i)
+            texts[split] += out[3]
+            n_tokens += int((out[2] != tokenizer.pad_token_id).sum())  # generated tokens up to each EOS
+    return texts, plumbing.perf_metrics(n_tokens, time.perf_counter() - t0, device)
 
 
 def group_report(model, split, prompts, gold):
@@ -348,13 +351,15 @@ def main(args):
         parser.error("--model and --opponents need distinct names")
     plumbing.seed_everything(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args.bf16 = bool(args.bf16) if args.bf16 is not None else device.type == "cuda"
     os.makedirs(args.out, exist_ok=True)
 
     prompts = {s: [x["prompt"] for x in data.load_prompts(args.data, f"{s}[:{args.n_prompts}]")] for s in args.splits}
-    responses = {}  # (name, split) -> texts
+    responses, perf = {}, {}  # (name, split) -> texts; name -> generation perf/*
     bar = plumbing.progress(list(model_dirs.items()), plumbing.Dist(), desc="evaluate: generate")
     for name, path in bar:
-        for s, texts in respond(args, path, prompts, device).items():
+        texts_by_split, perf[name] = respond(args, path, prompts, device)
+        for s, texts in texts_by_split.items():
             responses[name, s] = texts
     write_atomic(os.path.join(args.out, "responses.jsonl"), "".join(
         json.dumps({"model": name, "split": s, "prompt": p, "response": t}) + "\n"
@@ -370,7 +375,7 @@ def main(args):
     rm_margin = 0.0
     if args.reward:
         tokenizer = plumbing.load_tokenizer(args.reward)
-        rm = reward.load_reward_model(args.reward, tokenizer).to(device)
+        rm = plumbing.shard(reward.load_reward_model(args.reward, tokenizer), plumbing.Dist(device=device), bf16=args.bf16)
         with open(os.path.join(args.reward, "reward_stats.json")) as f:
             rm_margin = args.rm_tie_margin * json.load(f)["std"]
         for (name, s), texts in plumbing.progress(list(responses.items()), plumbing.Dist(), desc="evaluate: rm scores"):
@@ -399,7 +404,7 @@ def main(args):
         table += "".join(f"| {r['model']} | {r['split']} | {r['mean']:.2f} | {r['q05']:.2f} | {r['q50']:.2f} | {r['q95']:.2f} | {r['skewness']:.2f} |\n"
                          for r in rewards)
     results = {"winrates": winrates, "groups": group_rows, "group_summary": summaries, "rewards": rewards,
-               "settings": vars(args)}
+               "perf": perf, "settings": vars(args)}
     write_atomic(os.path.join(args.out, "table.md"), table)
     write_atomic(os.path.join(args.out, "results.json"), json.dumps(results, indent=1, default=float))
     plot(args.out, model_dirs, group_rows, {(n, s): v for (j, n, s), v in scores.items() if j == "rm"})

@@ -8,6 +8,7 @@ FSDP2 `fully_shard`, then the root (gloo on CPU, NCCL and bf16 compute on CUDA).
 """
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -194,19 +195,53 @@ def load_model(spec, tokenizer, seed=0, dtype=torch.float32, head="lm", **tiny_o
     return model
 
 
-def shard(model, d, bf16=False):
-    """FSDP2: `fully_shard` each decoder block (the classes in `_no_split_modules`), then the root."""
-    if not d.sharded:
-        return model.to(d.device)
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+def shard(model, d, bf16=False, compile_blocks=False):
+    """Put `model` on the device, the same way for 1 and N processes. N processes: FSDP2
+    `fully_shard` of each decoder block (the classes in `_no_split_modules`), then the root.
+    bf16: the forward runs under bf16 autocast in every case (fp32 master weights, optimizer and
+    gradients; under FSDP the gathered parameters are bf16 too). compile_blocks: torch.compile
+    each decoder block (one compiled graph, reused by every block of the same class)."""
+    blocks = decoder_blocks(model) if (d.sharded or compile_blocks) else []
+    if d.sharded:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+        for block in blocks:
+            fully_shard(block, mesh=d.mesh, mp_policy=policy)
+        fully_shard(model, mesh=d.mesh, mp_policy=policy)
+    else:
+        model.to(d.device)
+    if compile_blocks:
+        for block in blocks:
+            block.compile()
+    if bf16:
+        autocast_forward(model, d.device.type)
+    return model
+
+
+def decoder_blocks(model):
+    """The modules whose class `_no_split_modules` names (the transformer's decoder blocks)."""
     block_names = {n for m in model.modules() for n in (getattr(m, "_no_split_modules", None) or [])}
     blocks = [m for m in model.modules() if type(m).__name__ in block_names]
     if not blocks:
         raise ValueError(f"shard: {type(model).__name__} names no decoder block class in _no_split_modules")
-    for block in blocks:
-        fully_shard(block, mesh=d.mesh, mp_policy=policy)
-    fully_shard(model, mesh=d.mesh, mp_policy=policy)
+    return blocks
+
+
+def autocast_forward(model, device_type):
+    """Run `model.forward` (and so generate(), which calls it) under bf16 autocast: matrix products
+    in bf16, reductions and the fp32 parameters as autocast keeps them. Callers take log-probs of
+    `.float()` logits. Idempotent."""
+    if getattr(model.forward, "bf16_autocast", False):
+        return model
+    forward = model.forward
+
+    @functools.wraps(forward)
+    def bf16_forward(*args, **kwargs):
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            return forward(*args, **kwargs)
+
+    bf16_forward.bf16_autocast = True
+    model.forward = bf16_forward
     return model
 
 
@@ -275,9 +310,10 @@ def tokenize_pairs(tokenizer, pairs, max_len):
     return out
 
 
-def pad_batch(seqs, pad_id, left=False):
-    """[list of ids] -> (ids, attention_mask) as [B, T] tensors, padded on the right or the left."""
-    width = max(len(s) for s in seqs)
+def pad_batch(seqs, pad_id, left=False, width=None):
+    """[list of ids] -> (ids, attention_mask) as [B, T] tensors, padded on the right or the left
+    to the longest sequence (or to `width`, if given and wider)."""
+    width = max([len(s) for s in seqs] + [width or 0])
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
@@ -292,17 +328,53 @@ def position_ids(mask):
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
+# generate()'s KV cache per device type. dynamic: transformers' DynamicCache, eager decoding.
+# static: a StaticCache, eager decoding. compiled: a StaticCache and transformers' torch.compile'd
+# decode step (CUDA graphs; compiled once per batch size, the first call pays for it). The static
+# kinds pad every prompt to max_prompt_len so that all calls share one shape. bench/gpu_check.py
+# measures all three; switching the CUDA default is this one line.
+GENERATE_CACHE = {"cuda": "dynamic", "cpu": "dynamic"}
+CACHE_KINDS = ("dynamic", "static", "compiled")
+
+
+@functools.cache
+def _static_cache_class():
+    from transformers import StaticCache
+
+    class StaticCacheOneDtype(StaticCache):
+        """transformers' StaticCache, keys stored in the values' dtype. Under bf16 autocast the
+        values come out of a bf16 matrix product but the keys out of the fp32 rotary embedding;
+        the attention casts both to bf16 anyway, so storing them as bf16 loses nothing."""
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            return super().update(key_states.to(value_states.dtype), value_states, *args, **kwargs)
+
+    return StaticCacheOneDtype
+
+
+def static_cache(model, max_cache_len):
+    """A fresh static KV cache for one generate() call of `model`."""
+    hf = getattr(model, "hf", model)
+    return _static_cache_class()(config=hf.config.get_text_config(decoder=True), max_cache_len=max_cache_len)
+
+
 @torch.no_grad()
-def generate(model, tokenizer, prompts, max_new_tokens=32, temperature=0.0, max_prompt_len=256, seed=None, min_new_tokens=0):
-    """Left-padded batched decoding. temperature 0 = greedy. Returns (prompt ids [B, P] and their
-    mask, response ids [B, R] with everything after the first EOS set to pad, response texts)."""
-    prompt_ids = [encode(tokenizer, p, max_len=max_prompt_len)[0] for p in prompts]
-    ids, mask = pad_batch(prompt_ids, tokenizer.pad_token_id, left=True)
+def generate(model, tokenizer, prompts, max_new_tokens=32, temperature=0.0, max_prompt_len=256, seed=None, min_new_tokens=0, cache=None):
+    """Left-padded batched decoding. temperature 0 = greedy. cache: one of CACHE_KINDS (None: the
+    device's GENERATE_CACHE). Returns (prompt ids [B, P] and their mask, response ids [B, R] with
+    everything after the first EOS set to pad, response texts)."""
     device = next(model.parameters()).device
+    cache = cache or GENERATE_CACHE.get(device.type, "dynamic")
+    if cache not in CACHE_KINDS:
+        raise ValueError(f"generate: cache {cache!r} is not one of {CACHE_KINDS}")
+    prompt_ids = [encode(tokenizer, p, max_len=max_prompt_len)[0] for p in prompts]
+    ids, mask = pad_batch(prompt_ids, tokenizer.pad_token_id, left=True, width=max_prompt_len if cache != "dynamic" else None)
     ids, mask = ids.to(device), mask.to(device)
     if seed is not None:
         torch.manual_seed(seed)
     sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+    if cache != "dynamic":
+        sampling.update(past_key_values=static_cache(model, ids.shape[1] + max_new_tokens), disable_compile=cache == "static")
     with unsharded(model):
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens or None,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sampling)
@@ -438,6 +510,15 @@ class MetricsLog:
             self.file.close()
 
 
+def perf_metrics(n_tokens, seconds, device):
+    """perf/tokens_per_s (real, non-pad tokens over the seconds they took) and, on CUDA,
+    perf/gpu_mem_gb (the peak GPU memory allocated so far, in GB)."""
+    out = {"perf/tokens_per_s": n_tokens / max(seconds, 1e-9)}
+    if torch.device(device).type == "cuda":
+        out["perf/gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    return out
+
+
 def peak_rss_mb():
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
@@ -467,7 +548,8 @@ def add_training_flags(parser, **defaults):
         ("save_every", int, 250, "checkpoint every K steps (0: never)"),
         ("stop_at", int, None, "stop after this step as if interrupted (for resume tests)"),
         ("seed", int, 1, "seed for init, data order and sampling"),
-        ("bf16", int, None, "bf16 compute (default: on under CUDA)"),
+        ("bf16", int, None, "bf16 autocast compute, fp32 weights (default: on under CUDA, off on CPU)"),
+        ("compile", int, 0, "torch.compile each decoder block (1) or not (0)"),
         ("log_every", int, 10, "metrics every K steps"),
     ]
     for name, kind, default, help_ in flags:
@@ -491,7 +573,14 @@ def start(args, parser):
 
 
 def adamw(model, args):
-    return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    return optimizer(model, args.lr, args.weight_decay)
+
+
+def optimizer(model, lr, weight_decay=0.0):
+    """AdamW (β = 0.9, 0.95); the fused CUDA kernel when every parameter is a plain CUDA tensor."""
+    params = list(model.parameters())
+    fused = all(p.is_cuda and type(p) is torch.nn.Parameter for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95), fused=fused or None)
 
 
 def equal_chunks(items, n_chunks, size=None):
@@ -517,7 +606,9 @@ def supervised_loop(args, d, model, optimizer, tokenizer, examples, micro_loss, 
     Returns False if --stop_at ended the run early, True when all steps are done."""
     bar = progress(range(first_step, args.steps), d, initial=first_step, total=args.steps, desc=name)
     t0, seen = time.time(), 0
+    tokens, busy_s, n_steps = 0, 0.0, 0  # since the last log: non-pad tokens of the global batches, seconds and count of their steps
     for step in bar:
+        t_step = time.perf_counter()
         model.train()
         batch = [examples[i] for i in batch_indices(step, args.batch_size, len(examples), args.seed)]
         norm = batch_weight(batch)
@@ -542,11 +633,15 @@ def supervised_loop(args, d, model, optimizer, tokenizer, examples, micro_loss, 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         seen += len(batch)
+        tokens += sum(len(part) for example in batch for part in example)  # an example: a tuple of id lists
+        busy_s, n_steps = busy_s + time.perf_counter() - t_step, n_steps + 1
 
         out = {}
         if (step + 1) % args.log_every == 0 or step == first_step:
             out = {**metrics, "train/grad_norm": grad_norm, "train/lr": optimizer.param_groups[0]["lr"],
-                   "perf/examples_per_s": seen / (time.time() - t0), "perf/peak_rss_mb": peak_rss_mb()}
+                   "perf/examples_per_s": seen / (time.time() - t0), "perf/peak_rss_mb": peak_rss_mb(),
+                   "perf/step_s": busy_s / n_steps, **perf_metrics(tokens, busy_s, d.device)}
+            tokens, busy_s, n_steps = 0, 0.0, 0
             bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             out.update(evaluate())

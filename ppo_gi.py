@@ -85,7 +85,8 @@ parser.add_argument("--save_every", type=int, default=20, help="checkpoint every
 parser.add_argument("--stop_at", type=int, default=None, help="stop after this iteration as if interrupted (for resume tests)")
 parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
 parser.add_argument("--seed", type=int, default=1, help="seed for data order and sampling")
-parser.add_argument("--bf16", type=int, default=None, help="bf16 compute (default: on under CUDA)")
+parser.add_argument("--bf16", type=int, default=None, help="bf16 autocast compute, fp32 weights (default: on under CUDA, off on CPU)")
+parser.add_argument("--generate_cache", choices=plumbing.CACHE_KINDS, default=None, help="rollout KV cache: dynamic, static, or compiled (static + compiled decode step); default: plumbing.GENERATE_CACHE for the device")
 parser.add_argument("--log_every", type=int, default=1, help="metrics every K iterations")
 # fmt: on
 
@@ -227,7 +228,8 @@ def rollout(args, d, policy, reference, critic, scorer, tokenizer, prompts, it, 
     # 1. sample: the data order is the same on every rank, the sampling seed differs per rank
     q_ids, q_mask, resp, texts = plumbing.generate(policy, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
                                                    temperature=args.temperature, max_prompt_len=args.max_prompt_len,
-                                                   seed=args.seed * 100003 + it * d.world + d.rank, min_new_tokens=args.min_new_tokens)
+                                                   seed=args.seed * 100003 + it * d.world + d.rank, min_new_tokens=args.min_new_tokens,
+                                                   cache=args.generate_cache)
     t_gen = time.perf_counter() - t0
     has_eos = (resp == tokenizer.eos_token_id).any(-1)
     r_mask = response_mask(resp, tokenizer.eos_token_id)
@@ -466,8 +468,8 @@ def main(args):
     reference.requires_grad_(False)
     if scorer != "gold":
         scorer.requires_grad_(False)
-    opt_policy = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    opt_critic = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    opt_policy = plumbing.optimizer(policy, args.lr)  # AdamW, fused on CUDA
+    opt_critic = plumbing.optimizer(critic, args.critic_lr)
     models, optimizers = {"policy": policy, "critic": critic}, {"policy": opt_policy, "critic": opt_critic}
     running, first = RunningStd(), 0
     if ckpt:
@@ -488,6 +490,10 @@ def main(args):
         ppo_update(args, d, policy, critic, opt_policy, opt_critic, batch, stats, it)
         perf = {**batch["perf"], "perf/train_s": time.perf_counter() - t_train, "perf/peak_rss_mb": plumbing.peak_rss_mb()}
         perf["perf/step_s"] = perf["perf/gen_s"] + perf["perf/score_s"] + perf["perf/train_s"]
+        # tokens of all ranks: generated (response up to its EOS) and real (non-pad) prompt + response
+        n_gen, n_seq = plumbing.all_reduce_sum(torch.stack([batch["r_mask"].sum().float(), batch["mask"].sum().float()]), d).tolist()
+        perf["perf/gen_tokens_per_s"] = n_gen / max(perf["perf/gen_s"], 1e-9)
+        perf.update(plumbing.perf_metrics(n_seq, perf["perf/step_s"], d.device))
         if (it + 1) % args.log_every == 0 or it == first:
             m = iteration_metrics(args, d, batch, stats, running)
             log.log(it + 1, {**m, **perf, "lr": args.lr})

@@ -147,7 +147,7 @@ def main(args):
     train, heldout = data.train_and_heldout(data.load_pairs, args.data, args.split, args.eval_split, seed=args.seed)
     source = os.path.join(ckpt, "model") if ckpt else args.sft
     tokenizer = plumbing.load_tokenizer(source)
-    model = plumbing.shard(load_reward_model(source, tokenizer, seed=args.seed), d, bf16=args.bf16)
+    model = plumbing.shard(load_reward_model(source, tokenizer, seed=args.seed), d, bf16=args.bf16, compile_blocks=args.compile)
     optimizer = plumbing.adamw(model, args)
     first = plumbing.load_optimizer_state(ckpt, {"model": model}, {"model": optimizer}, d)["step"] if ckpt else 0
     train_ex = plumbing.tokenize_pairs(tokenizer, train, args.max_len)

@@ -99,7 +99,7 @@ def main(args):
 
     source = os.path.join(ckpt, "model") if ckpt else args.model
     tokenizer = plumbing.load_tokenizer(source, texts=[x["prompt"] + x["response"] for x in train])
-    model = plumbing.shard(plumbing.load_model(source, tokenizer, seed=args.seed), d, bf16=args.bf16)
+    model = plumbing.shard(plumbing.load_model(source, tokenizer, seed=args.seed), d, bf16=args.bf16, compile_blocks=args.compile)
     optimizer = plumbing.adamw(model, args)
     first = plumbing.load_optimizer_state(ckpt, {"model": model}, {"model": optimizer}, d)["step"] if ckpt else 0
     train_ex = tokenize_demos(tokenizer, train, args.max_len)
