@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 import data
 import plumbing
+import sft
 
 # fmt: off
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -37,7 +38,7 @@ parser.add_argument("--data", default="toy", help="data.py spec of preference pa
 parser.add_argument("--split", default="train", help="training split, with an optional slice")
 parser.add_argument("--eval_split", default=None, help="held-out split; default: toy 'test', else 5%% carved from --split")
 parser.add_argument("--stats_pairs", type=int, default=4096, help="training pairs scored at the end for reward_stats.json")
-plumbing.add_training_flags(parser, out="runs/reward", steps=400, lr=1e-3, eval_every=100, save_every=200)
+sft.add_training_flags(parser, out="runs/reward", steps=400, lr=1e-3, eval_every=100, save_every=200)
 # fmt: on
 
 
@@ -94,7 +95,7 @@ def score(model, tokenizer, prompts, responses, batch_size=64, max_len=512):
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(prompts), batch_size):
-        seqs = [sum(plumbing.encode(tokenizer, p, r, max_len=max_len), [])
+        seqs = [sum(data.encode(tokenizer, p, r, max_len=max_len), [])
                 for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])]
         ids, mask = plumbing.pad_batch(seqs, tokenizer.pad_token_id)
         out.append(sequence_rewards(model, ids.to(device), mask.to(device)).cpu())
@@ -143,15 +144,15 @@ def heldout_metrics(model, examples, pairs, pad_id, d):
 
 
 def main(args):
-    d, ckpt = plumbing.start(args, parser)
+    d, ckpt = sft.start(args, parser)
     train, heldout = data.train_and_heldout(data.load_pairs, args.data, args.split, args.eval_split, seed=args.seed)
     source = os.path.join(ckpt, "model") if ckpt else args.sft
     tokenizer = plumbing.load_tokenizer(source)
     model = plumbing.shard(load_reward_model(source, tokenizer, seed=args.seed), d, bf16=args.bf16)
-    optimizer = plumbing.adamw(model, args)
+    optimizer = sft.adamw(model, args)
     first = plumbing.load_optimizer_state(ckpt, {"model": model}, {"model": optimizer}, d)["step"] if ckpt else 0
-    train_ex = plumbing.tokenize_pairs(tokenizer, train, args.max_len)
-    heldout_ex = plumbing.tokenize_pairs(tokenizer, heldout[:2000], args.max_len)
+    train_ex = data.tokenize_pairs(tokenizer, train, args.max_len)
+    heldout_ex = data.tokenize_pairs(tokenizer, heldout[:2000], args.max_len)
     log = plumbing.MetricsLog(os.path.join(args.out, "metrics.jsonl"), d, resume=ckpt is not None)
     if d.main:
         print(f"reward: {args.sft} on {args.data}: {len(train_ex)} train / {len(heldout_ex)} held-out pairs, "
@@ -166,7 +167,7 @@ def main(args):
         margin = (r_chosen - r_rejected).detach()
         return loss, {"train/accuracy": (margin > 0).float().sum(), "train/margin": margin.sum()}
 
-    finished = plumbing.supervised_loop(
+    finished = sft.supervised_loop(
         args, d, model, optimizer, tokenizer, train_ex, micro_loss, batch_weight=len,
         evaluate=lambda: heldout_metrics(model, heldout_ex, heldout[:2000], tokenizer.pad_token_id, d),
         log=log, first_step=first, name="reward")
