@@ -174,6 +174,32 @@ def load_tokenizer(spec, texts=None):
     return tok
 
 
+def _from_pretrained(auto, spec, source, **kw):
+    """auto.from_pretrained(source), with transformers' multi-line load report replaced by one plain
+    line (rank 0) naming the weights that were newly initialized or left unused. Weights that do
+    not fit raise, after transformers' full report."""
+    from transformers.utils import logging as hf_logging
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = auto.from_pretrained(source, output_loading_info=True, **kw)
+    except RuntimeError:  # mismatched or unconvertible weights: load again with the report shown
+        hf_logging.set_verbosity(verbosity)
+        auto.from_pretrained(source, **kw)
+        raise
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    new, unused = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
+    if os.environ.get("RANK", "0") == "0":
+        if new and all(k.startswith("score.") for k in new):
+            print(f"load_model: new reward head `score` initialized ({spec} has none)")
+        elif new:
+            print(f"load_model: not in {spec}, newly initialized: {', '.join(new)}")
+        if unused:
+            print(f"load_model: in {spec} but not used by {type(model).__name__}: {', '.join(unused)}")
+    return model
+
+
 def load_model(spec, tokenizer, seed=0, dtype=torch.float32, head="lm", **tiny_overrides):
     """A transformers model from `tiny` (built from a config), a hub id or directory, or a `.gguf`
     file. head="lm": *ForCausalLM; head="score": *ForSequenceClassification with one output (the
@@ -190,13 +216,13 @@ def load_model(spec, tokenizer, seed=0, dtype=torch.float32, head="lm", **tiny_o
     elif spec == "smollm2" or spec.endswith(".gguf"):
         folder, name = gguf_location(spec)
         torch.manual_seed(seed)
-        model = auto.from_pretrained(folder, gguf_file=name, dtype=dtype, **extra)
+        model = _from_pretrained(auto, spec, folder, gguf_file=name, dtype=dtype, **extra)
         model.hf_quantizer = None  # the weights are de-quantized on load; let save_pretrained write them
         model.config.quantization_config = None
         del model.config.quantization_config
     else:
         torch.manual_seed(seed)  # a new score head is initialized from the seed
-        model = auto.from_pretrained(spec, dtype=dtype, **extra)
+        model = _from_pretrained(auto, spec, spec, dtype=dtype, **extra)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
