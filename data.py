@@ -6,8 +6,7 @@
 
 Every prompt is an Anthropic HH transcript that ends with "\\n\\nAssistant:", and every response
 starts right after it (usually with a space), so prompt + response is the full transcript.
-`encode` and `tokenize_pairs` (at the end of this file) turn records into token ids for any
-tokenizer, rendering the transcript through the tokenizer's chat template when it has one.
+`chat_prompt` (at the end of this file) renders a prompt through a tokenizer's chat template.
 
 `spec` names the source:
     toy                                the built-in task below (no files, no network)
@@ -467,7 +466,7 @@ def train_and_heldout(load, spec, split, eval_split=None, seed=0, fraction=0.05)
 
 
 # ----------------------------------------------------------------------------------------------
-# Records -> tokens (any tokenizer; a chat template renders the HH transcript as chat turns)
+# An HH prompt in a model's chat format (plumbing.encode uses it)
 # ----------------------------------------------------------------------------------------------
 def chat_prompt(tokenizer, prompt):
     """An HH transcript prompt in the model's own chat format, if its tokenizer has a template."""
@@ -482,30 +481,3 @@ def chat_prompt(tokenizer, prompt):
             messages.append({"role": "assistant", "content": assistant.strip()})
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return text, False
-
-
-def encode(tokenizer, prompt, response=None, max_len=512, max_prompt_len=None):
-    """(prompt ids, response ids + EOS). The prompt is cut from the left to fit, the response from
-    the right; tokenized separately so the boundary between them is exact."""
-    text, add_special = chat_prompt(tokenizer, prompt)
-    p = tokenizer(text, add_special_tokens=add_special)["input_ids"]
-    p = p[-(max_prompt_len or max_len):]
-    if response is None:
-        return p, []
-    if not add_special:  # chat format: the template supplies the spacing
-        response = response.strip()
-    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    r = r[: max(1, max_len - len(p))]
-    p = p[-(max_len - len(r)):] if len(p) + len(r) > max_len else p
-    return p, r
-
-
-def tokenize_pairs(tokenizer, pairs, max_len):
-    """(prompt ids, chosen ids + EOS, prompt ids, rejected ids + EOS) per preference pair; the
-    prompt is cut separately for each side so that both fit in max_len."""
-    out = []
-    for x in pairs:
-        p, c = encode(tokenizer, x["prompt"], x["chosen"], max_len=max_len)
-        p2, r = encode(tokenizer, x["prompt"], x["rejected"], max_len=max_len)
-        out.append((p, c, p2, r))
-    return out

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 import data
 import plumbing
+import reward
 import sft
 
 # fmt: off
@@ -88,8 +89,8 @@ def main(args):
     reference.eval().requires_grad_(False)  # π_ref stays the SFT model
     optimizer = sft.adamw(policy, args)
     first = plumbing.load_optimizer_state(ckpt, {"model": policy}, {"model": optimizer}, d)["step"] if ckpt else 0
-    train_ex = data.tokenize_pairs(tokenizer, train, args.max_len)
-    heldout_ex = data.tokenize_pairs(tokenizer, heldout[:1000], args.max_len)
+    train_ex = reward.tokenize_pairs(tokenizer, train, args.max_len)
+    heldout_ex = reward.tokenize_pairs(tokenizer, heldout[:1000], args.max_len)
     log = plumbing.MetricsLog(os.path.join(args.out, "metrics.jsonl"), d, resume=ckpt is not None)
     if d.main:
         print(f"dpo: {args.sft} on {args.data}: {len(train_ex)} train / {len(heldout_ex)} held-out pairs, "

@@ -1,12 +1,13 @@
 """The plumbing every stage shares, kept out of the stage files so they read as algorithms:
 processes and FSDP2, model and tokenizer loading (including the from-scratch `tiny` model),
-batching and generation, checkpoints that resume exactly, metrics logs.
+tokenization into prompt + response, batching and generation, checkpoints that resume exactly,
+metrics logs.
 
-Nothing here is RLHF-specific: how a record becomes tokens is data.py's (`data.encode`), and the
-training loop of SFT, reward modelling and DPO is sft.py's. Under `python X.py` everything runs in
-one process with no process group and no sharding; under `torchrun --nproc_per_node N X.py` each
-decoder block is wrapped with FSDP2 `fully_shard`, then the root (gloo on CPU, NCCL and bf16
-compute on CUDA).
+Nothing here is RLHF-specific: the HH prompt format is data.py's (`data.chat_prompt`), pair
+tokenization is reward.py's, and the training loop of SFT, reward modelling and DPO is sft.py's.
+Under `python X.py` everything runs in one process with no process group and no sharding; under
+`torchrun --nproc_per_node N X.py` each decoder block is wrapped with FSDP2 `fully_shard`, then
+the root (gloo on CPU, NCCL and bf16 compute on CUDA).
 """
 import contextlib
 import dataclasses
@@ -266,8 +267,24 @@ def unsharded(model):
 
 
 # ----------------------------------------------------------------------------------------------
-# Batches and generation
+# Tokens, batches and generation
 # ----------------------------------------------------------------------------------------------
+def encode(tokenizer, prompt, response=None, max_len=512, max_prompt_len=None):
+    """(prompt ids, response ids + EOS). The prompt is cut from the left to fit, the response from
+    the right; tokenized separately so the boundary between them is exact."""
+    text, add_special = data.chat_prompt(tokenizer, prompt)
+    p = tokenizer(text, add_special_tokens=add_special)["input_ids"]
+    p = p[-(max_prompt_len or max_len):]
+    if response is None:
+        return p, []
+    if not add_special:  # chat format: the template supplies the spacing
+        response = response.strip()
+    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    r = r[: max(1, max_len - len(p))]
+    p = p[-(max_len - len(r)):] if len(p) + len(r) > max_len else p
+    return p, r
+
+
 def pad_batch(seqs, pad_id, left=False):
     """[list of ids] -> (ids, attention_mask) as [B, T] tensors, padded on the right or the left."""
     width = max(len(s) for s in seqs)
@@ -289,7 +306,7 @@ def position_ids(mask):
 def generate(model, tokenizer, prompts, max_new_tokens=32, temperature=0.0, max_prompt_len=256, seed=None, min_new_tokens=0):
     """Left-padded batched decoding. temperature 0 = greedy. Returns (prompt ids [B, P] and their
     mask, response ids [B, R] with everything after the first EOS set to pad, response texts)."""
-    prompt_ids = [data.encode(tokenizer, p, max_len=max_prompt_len)[0] for p in prompts]
+    prompt_ids = [encode(tokenizer, p, max_len=max_prompt_len)[0] for p in prompts]
     ids, mask = pad_batch(prompt_ids, tokenizer.pad_token_id, left=True)
     device = next(model.parameters()).device
     ids, mask = ids.to(device), mask.to(device)

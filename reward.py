@@ -78,6 +78,17 @@ def load_reward_model(path, tokenizer, seed=0):
     return RewardModel(plumbing.load_model(path, tokenizer, seed=seed, head="score"))
 
 
+def tokenize_pairs(tokenizer, pairs, max_len):
+    """(prompt ids, chosen ids + EOS, prompt ids, rejected ids + EOS) per preference pair; the
+    prompt is cut separately for each side so that both fit in max_len."""
+    out = []
+    for x in pairs:
+        p, c = plumbing.encode(tokenizer, x["prompt"], x["chosen"], max_len=max_len)
+        p2, r = plumbing.encode(tokenizer, x["prompt"], x["rejected"], max_len=max_len)
+        out.append((p, c, p2, r))
+    return out
+
+
 def pair_batch(examples, pad_id):
     """Chosen sequences first, then rejected: ids and mask of shape [2B, T]."""
     seqs = [p + c for p, c, _, _ in examples] + [p + r for _, _, p, r in examples]
@@ -95,7 +106,7 @@ def score(model, tokenizer, prompts, responses, batch_size=64, max_len=512):
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(prompts), batch_size):
-        seqs = [sum(data.encode(tokenizer, p, r, max_len=max_len), [])
+        seqs = [sum(plumbing.encode(tokenizer, p, r, max_len=max_len), [])
                 for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])]
         ids, mask = plumbing.pad_batch(seqs, tokenizer.pad_token_id)
         out.append(sequence_rewards(model, ids.to(device), mask.to(device)).cpu())
@@ -151,8 +162,8 @@ def main(args):
     model = plumbing.shard(load_reward_model(source, tokenizer, seed=args.seed), d, bf16=args.bf16)
     optimizer = sft.adamw(model, args)
     first = plumbing.load_optimizer_state(ckpt, {"model": model}, {"model": optimizer}, d)["step"] if ckpt else 0
-    train_ex = data.tokenize_pairs(tokenizer, train, args.max_len)
-    heldout_ex = data.tokenize_pairs(tokenizer, heldout[:2000], args.max_len)
+    train_ex = tokenize_pairs(tokenizer, train, args.max_len)
+    heldout_ex = tokenize_pairs(tokenizer, heldout[:2000], args.max_len)
     log = plumbing.MetricsLog(os.path.join(args.out, "metrics.jsonl"), d, resume=ckpt is not None)
     if d.main:
         print(f"reward: {args.sft} on {args.data}: {len(train_ex)} train / {len(heldout_ex)} held-out pairs, "

@@ -65,7 +65,7 @@ add_training_flags(parser, out="runs/sft", steps=1000, lr=2e-3)
 
 
 def tokenize_demos(tokenizer, demos, max_len):
-    return [data.encode(tokenizer, x["prompt"], x["response"], max_len=max_len) for x in demos]
+    return [plumbing.encode(tokenizer, x["prompt"], x["response"], max_len=max_len) for x in demos]
 
 
 def make_batch(examples, pad_id):

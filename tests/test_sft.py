@@ -128,7 +128,7 @@ def test_real_model_smollm2_sft_steps_on_hh_rlhf(tmp_path):
     tok = plumbing.load_tokenizer("smollm2")
     assert tok.pad_token_id != tok.eos_token_id
     pair = data.load_pairs(shared("data", "hh-rlhf", "helpful-base", "test.jsonl.gz"), "test[:1]")[0]
-    p, r = data.encode(tok, pair["prompt"], pair["chosen"], max_len=512)
+    p, r = plumbing.encode(tok, pair["prompt"], pair["chosen"], max_len=512)
     assert "<|im_start|>user" in tok.decode(p) and tok.decode(p).endswith("<|im_start|>assistant\n")
     assert r[-1] == tok.eos_token_id
     out = str(tmp_path / "smol")
