@@ -6,6 +6,7 @@
 
 Every prompt is an Anthropic HH transcript that ends with "\\n\\nAssistant:", and every response
 starts right after it (usually with a space), so prompt + response is the full transcript.
+`chat_prompt` (at the end of this file) renders a prompt through a tokenizer's chat template.
 
 `spec` names the source:
     toy                                the built-in task below (no files, no network)
@@ -462,3 +463,21 @@ def train_and_heldout(load, spec, split, eval_split=None, seed=0, fraction=0.05)
     if spec == "toy":
         return train, load("toy", "test")
     return split_heldout(train, fraction, seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# An HH prompt in a model's chat format (plumbing.encode uses it)
+# ----------------------------------------------------------------------------------------------
+def chat_prompt(tokenizer, prompt):
+    """An HH transcript prompt in the model's own chat format, if its tokenizer has a template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return prompt, True
+    turns = prompt.split("\n\nHuman: ")[1:]
+    messages = []
+    for turn in turns:
+        human, _, assistant = turn.partition("\n\nAssistant:")
+        messages.append({"role": "user", "content": human.strip()})
+        if assistant.strip():
+            messages.append({"role": "assistant", "content": assistant.strip()})
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return text, False

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 import data
 import plumbing
+import reward
 import sft
 
 # fmt: off
@@ -33,7 +34,7 @@ parser.add_argument("--split", default="train", help="training split, with an op
 parser.add_argument("--eval_split", default=None, help="held-out split; default: toy 'test', else 5%% carved from --split")
 parser.add_argument("--beta", type=float, default=0.1, help="β: strength of the implicit KL constraint to π_ref")
 parser.add_argument("--gold_prompts", type=int, default=200, help="toy only: greedy-decode this many test prompts and report gold scores")
-plumbing.add_training_flags(parser, out="runs/dpo", steps=300, lr=2e-4, eval_every=100, save_every=150)
+sft.add_training_flags(parser, out="runs/dpo", steps=300, lr=2e-4, eval_every=100, save_every=150)
 # fmt: on
 
 
@@ -79,17 +80,17 @@ def heldout_metrics(policy, reference, examples, pad_id, beta, d, batch_size=64)
 
 
 def main(args):
-    d, ckpt = plumbing.start(args, parser)
+    d, ckpt = sft.start(args, parser)
     train, heldout = data.train_and_heldout(data.load_pairs, args.data, args.split, args.eval_split, seed=args.seed)
     source = os.path.join(ckpt, "model") if ckpt else args.sft
     tokenizer = plumbing.load_tokenizer(source)
     policy = plumbing.shard(plumbing.load_model(source, tokenizer, seed=args.seed), d, bf16=args.bf16, compile_blocks=args.compile)
     reference = plumbing.shard(plumbing.load_model(args.sft, tokenizer, seed=args.seed), d, bf16=args.bf16, compile_blocks=args.compile)
     reference.eval().requires_grad_(False)  # π_ref stays the SFT model
-    optimizer = plumbing.adamw(policy, args)
+    optimizer = sft.adamw(policy, args)
     first = plumbing.load_optimizer_state(ckpt, {"model": policy}, {"model": optimizer}, d)["step"] if ckpt else 0
-    train_ex = plumbing.tokenize_pairs(tokenizer, train, args.max_len)
-    heldout_ex = plumbing.tokenize_pairs(tokenizer, heldout[:1000], args.max_len)
+    train_ex = reward.tokenize_pairs(tokenizer, train, args.max_len)
+    heldout_ex = reward.tokenize_pairs(tokenizer, heldout[:1000], args.max_len)
     log = plumbing.MetricsLog(os.path.join(args.out, "metrics.jsonl"), d, resume=ckpt is not None)
     if d.main:
         print(f"dpo: {args.sft} on {args.data}: {len(train_ex)} train / {len(heldout_ex)} held-out pairs, "
@@ -102,7 +103,7 @@ def main(args):
         return pair_stats(pi_c, pi_r, ref_c, ref_r, args.beta, "train/")
 
     evaluate = lambda: heldout_metrics(policy, reference, heldout_ex, tokenizer.pad_token_id, args.beta, d)  # noqa: E731
-    finished = plumbing.supervised_loop(args, d, policy, optimizer, tokenizer, train_ex, micro_loss, batch_weight=len,
+    finished = sft.supervised_loop(args, d, policy, optimizer, tokenizer, train_ex, micro_loss, batch_weight=len,
                                         evaluate=evaluate, log=log, first_step=first, name="dpo")
     if finished:
         summary = evaluate()

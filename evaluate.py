@@ -209,6 +209,19 @@ def markdown_table(winrates, model, splits):
     return "\n".join(lines) + "\n"
 
 
+def group_table(group_rows, summaries):
+    """Mean gold per true group, per model and split, with the worst group and the best − worst gap."""
+    groups = list(dict.fromkeys(r["group"] for r in group_rows))
+    gold = {(r["model"], r["split"], r["group"]): r["gold_mean"] for r in group_rows}
+    lines = ["Gold score per true group (0 to 1):", "",
+             "| model | split | " + " | ".join(groups) + " | mean | worst group | best − worst |", "|---|---|" + "---:|" * (len(groups) + 1) + "---|---:|"]
+    for r in summaries:
+        cells = [f"{gold[r['model'], r['split'], g]:.3f}" if (r["model"], r["split"], g) in gold else "" for g in groups]
+        lines.append(f"| {r['model']} | {r['split']} | " + " | ".join(cells)
+                     + f" | {r['gold_mean']:.3f} | {r['worst_group']} | {r['gap']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(out, model_dirs, group_rows, rm_scores):
     """PNG plots where matplotlib is installed: reward distributions, per-group gold, training curves."""
     try:
@@ -216,7 +229,7 @@ def plot(out, model_dirs, group_rows, rm_scores):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("evaluate: matplotlib not installed, no plots")
+        print("evaluate: matplotlib not installed (pip install -r requirements.txt), no plots")
         return
     if rm_scores:
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -394,12 +407,14 @@ def main(args):
                     outcomes = [compare(a, b, margin) for a, b in zip(scores[judge, model_name, s], scores[judge, opp, s])]
                 winrates.append({"judge": judge, "model": model_name, "opponent": opp, "split": s, **tally(outcomes), "n": len(outcomes)})
 
-    table = markdown_table(winrates, model_name, args.splits)
+    n_items = {w["split"]: w["n"] for w in winrates}
+    table = (f"Win / Tie / Lose: % of the prompts of each split ({', '.join(f'{s}: {n_items[s]}' for s in args.splits)}) on which "
+             f"{model_name}'s response beats, ties or loses to the opponent's, by each judge.\n\n")
+    table += markdown_table(winrates, model_name, args.splits)
     if summaries:
-        table += "\n| model | split | mean gold | worst group | worst gold | best − worst |\n|---|---|---:|---|---:|---:|\n"
-        table += "".join(f"| {r['model']} | {r['split']} | {r['gold_mean']:.3f} | {r['worst_group']} | {r['worst_gold']:.3f} | {r['gap']:.3f} |\n"
-                         for r in summaries)
+        table += "\n" + group_table(group_rows, summaries)
     if rewards:
+        table += "\nReward-model score of the responses (its spread and long tail):\n"
         table += "\n| model | split | RM mean | q05 | q50 | q95 | skewness |\n|---|---|---:|---:|---:|---:|---:|\n"
         table += "".join(f"| {r['model']} | {r['split']} | {r['mean']:.2f} | {r['q05']:.2f} | {r['q50']:.2f} | {r['q95']:.2f} | {r['skewness']:.2f} |\n"
                          for r in rewards)

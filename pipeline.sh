@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
-# The whole method on the built-in task, in one command (about 10 minutes on a 2-core laptop CPU):
+# The whole method on the built-in task, in one command. Run it inside a virtual environment
+# (python3.11 -m venv .venv && . .venv/bin/activate): the first step pip-installs requirements.txt.
 #
 #   ./pipeline.sh                        # install the requirements, train every stage, print the table
 #   ./pipeline.sh --seed 2 --out runs/pipeline-s2 --no-install
 #   ./pipeline.sh --force                # retrain stages whose outputs already exist
-#   ./pipeline.sh --sweep --no-install   # instead: the β_policy × η sweep on the RL split (README)
+#   ./pipeline.sh --sweep --no-install   # instead: the β_policy × η sweep on the RL split (RESULTS.md)
 #
 # Stages (each skipped when its output exists, unless --force):
 #   sft → reward → dpo → ppo (no KL) → ppo_kl → gi_ppo → gi_fixed_kl → gi_beta0 → evaluate
 # gi_fixed_kl: group invariance without the adaptive KL; gi_beta0: adaptive KL without the group
-# invariant term (β_policy = 0). The budgets and the PPO coefficients chosen by --sweep are
-# environment variables (defaults below), so a test can run the same script with a tiny budget.
+# invariant term (β_policy = 0). The budgets and the PPO coefficients are environment variables
+# (defaults below), so a test can run the same script with a tiny budget.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -27,32 +28,39 @@ while [ $# -gt 0 ]; do
   esac
 done
 OUT="${OUT:-runs/pipeline-s$SEED}"
-SFT_STEPS="${SFT_STEPS:-400}"        # greedy gold ~0.6: room left for RL (1,000 steps reach 0.92)
-RM_STEPS="${RM_STEPS:-150}"
-DPO_STEPS="${DPO_STEPS:-150}"
-PPO_STEPS="${PPO_STEPS:-40}"
-EVAL_PROMPTS="${EVAL_PROMPTS:-200}"  # per split (test, ood)
-ETA="${ETA:-0.5}"                    # η of GI-PPO and its ablations  } each method's best mean gold in
-ETA_PPO_KL="${ETA_PPO_KL:-1.0}"      # η of PPO w/ KL                 } the sweep on the RL split,
-BETA_POLICY="${BETA_POLICY:-0.05}"   # β_policy of GI-PPO             } seed 1 (README)
+SFT_STEPS="${SFT_STEPS:-400}"        # SFT steps: short of convergence, so RL has room to improve on SFT
+RM_STEPS="${RM_STEPS:-150}"          # reward-model steps
+DPO_STEPS="${DPO_STEPS:-150}"        # DPO steps
+PPO_STEPS="${PPO_STEPS:-40}"         # PPO iterations of each variant (64 rollouts each)
+EVAL_PROMPTS="${EVAL_PROMPTS:-200}"  # prompts per evaluation split (test, ood)
+ETA="${ETA:-0.5}"                    # η, the KL penalty coefficient of GI-PPO and its ablations
+ETA_PPO_KL="${ETA_PPO_KL:-1.0}"      # η of PPO w/ KL
+BETA_POLICY="${BETA_POLICY:-0.05}"   # β_policy, the weight of R_var in GI-PPO's policy loss
 PY="${PYTHON:-python}"
 
 if [ "$INSTALL" = 1 ]; then
-  echo "== installing requirements.txt"
-  "$PY" -m pip install -q -r requirements.txt
+  ENV_NAME=$("$PY" -c 'import sys; print(sys.prefix + ("" if sys.prefix != sys.base_prefix else " (not a virtual environment)"))')
+  echo "== install: requirements.txt into $ENV_NAME with pip; in a fresh environment this downloads"
+  echo "   torch and transformers and takes minutes (--no-install skips this step)"
+  T0=$(date +%s)
+  "$PY" -m pip install -r requirements.txt
+  echo "== install: $(( $(date +%s) - T0 )) s"
 fi
 
 START=$(date +%s)
-stage() {  # stage NAME DONE_FILE COMMAND...: run unless DONE_FILE exists (or --force)
+RAN=0
+stage() {  # stage NAME DONE_FILE COMMAND...: run unless DONE_FILE exists (or --force); RAN says which
   local name="$1" done_file="$2"; shift 2
   if [ "$FORCE" = 0 ] && [ -e "$done_file" ]; then
     echo "== $name: $done_file exists, skipped (--force reruns it)"
+    RAN=0
     return
   fi
   echo "== $name"
   local t0; t0=$(date +%s)
   "$@"
   echo "== $name: $(( $(date +%s) - t0 )) s"
+  RAN=1
 }
 
 # Each trainer writes config.json last (after a temporary name and rename), so it marks a finished stage.
@@ -92,5 +100,7 @@ stage evaluate "$OUT/eval/results.json" "$PY" evaluate.py --model "GI-PPO=$OUT/g
   --opponents "SFT=$OUT/sft" "PPO=$OUT/ppo" "PPO w/ KL=$OUT/ppo_kl" "DPO=$OUT/dpo" \
   "GI-PPO fixed KL=$OUT/gi_fixed_kl" "GI-PPO β_policy 0=$OUT/gi_beta0" \
   --reward "$OUT/reward" --judges gold rm --splits test ood --n_prompts "$EVAL_PROMPTS" --seed "$SEED" --out "$OUT/eval"
+if [ "$RAN" = 0 ]; then  # evaluate.py prints the table when it runs
+  cat "$OUT/eval/table.md"
+fi
 echo "== pipeline: $(( $(date +%s) - START )) s in all (training and evaluation); results in $OUT/eval"
-cat "$OUT/eval/table.md"

@@ -1,10 +1,13 @@
 """The plumbing every stage shares, kept out of the stage files so they read as algorithms:
-torchrun / FSDP2 setup, model and tokenizer loading (including the from-scratch `tiny` model),
-tokenization into prompt + response, generation, checkpoints that resume exactly, metrics logs.
+processes and FSDP2, model and tokenizer loading (including the from-scratch `tiny` model),
+tokenization into prompt + response, batching and generation, checkpoints that resume exactly,
+metrics logs.
 
-Nothing here is RLHF-specific. Under `python X.py` everything runs in one process with no process
-group and no sharding; under `torchrun --nproc_per_node N X.py` each decoder block is wrapped with
-FSDP2 `fully_shard`, then the root (gloo on CPU, NCCL and bf16 compute on CUDA).
+Nothing here is RLHF-specific: the HH prompt format is data.py's (`data.chat_prompt`), pair
+tokenization is reward.py's, and the training loop of SFT, reward modelling and DPO is sft.py's.
+Under `python X.py` everything runs in one process with no process group and no sharding; under
+`torchrun --nproc_per_node N X.py` each decoder block is wrapped with FSDP2 `fully_shard`, then
+the root (gloo on CPU, NCCL and bf16 compute on CUDA).
 """
 import contextlib
 import dataclasses
@@ -20,6 +23,8 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+
+import data
 
 TINY = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=True)
@@ -99,12 +104,17 @@ def batch_indices(step, batch_size, n, seed):
     return out
 
 
-def lr_at(step, total, warmup, peak):
-    """Linear warm-up to `peak`, then cosine decay to 10% of it at `total`."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+def equal_chunks(items, n_chunks, size=None):
+    """Split `items` into n_chunks lists (of `size` each if given); some may be empty."""
+    size = size or math.ceil(len(items) / n_chunks)
+    return [items[i * size:(i + 1) * size] for i in range(n_chunks)]
+
+
+def rank_chunks(items, d, batch_size):
+    """This rank's share of `items` (every world-th) in chunks of `batch_size`. Every rank gets the
+    same number of chunks, some possibly empty, because FSDP forwards are collective."""
+    n_chunks = math.ceil(math.ceil(len(items) / d.world) / batch_size)
+    return equal_chunks(items[d.rank::d.world], n_chunks, batch_size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,6 +176,32 @@ def load_tokenizer(spec, texts=None):
     return tok
 
 
+def _from_pretrained(auto, spec, source, **kw):
+    """auto.from_pretrained(source), with transformers' multi-line load report replaced by one plain
+    line (rank 0) naming the weights that were newly initialized or left unused. Weights that do
+    not fit raise, after transformers' full report."""
+    from transformers.utils import logging as hf_logging
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = auto.from_pretrained(source, output_loading_info=True, **kw)
+    except RuntimeError:  # mismatched or unconvertible weights: load again with the report shown
+        hf_logging.set_verbosity(verbosity)
+        auto.from_pretrained(source, **kw)
+        raise
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    new, unused = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
+    if os.environ.get("RANK", "0") == "0":
+        if new and all(k.startswith("score.") for k in new):
+            print(f"load_model: new reward head `score` initialized ({spec} has none)")
+        elif new:
+            print(f"load_model: not in {spec}, newly initialized: {', '.join(new)}")
+        if unused:
+            print(f"load_model: in {spec} but not used by {type(model).__name__}: {', '.join(unused)}")
+    return model
+
+
 def load_model(spec, tokenizer, seed=0, dtype=torch.float32, head="lm", **tiny_overrides):
     """A transformers model from `tiny` (built from a config), a hub id or directory, or a `.gguf`
     file. head="lm": *ForCausalLM; head="score": *ForSequenceClassification with one output (the
@@ -182,13 +218,13 @@ def load_model(spec, tokenizer, seed=0, dtype=torch.float32, head="lm", **tiny_o
     elif spec == "smollm2" or spec.endswith(".gguf"):
         folder, name = gguf_location(spec)
         torch.manual_seed(seed)
-        model = auto.from_pretrained(folder, gguf_file=name, dtype=dtype, **extra)
+        model = _from_pretrained(auto, spec, folder, gguf_file=name, dtype=dtype, **extra)
         model.hf_quantizer = None  # the weights are de-quantized on load; let save_pretrained write them
         model.config.quantization_config = None
         del model.config.quantization_config
     else:
         torch.manual_seed(seed)  # a new score head is initialized from the seed
-        model = auto.from_pretrained(spec, dtype=dtype, **extra)
+        model = _from_pretrained(auto, spec, spec, dtype=dtype, **extra)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -266,27 +302,12 @@ def unsharded(model):
 
 
 # ----------------------------------------------------------------------------------------------
-# Text -> tokens
+# Tokens, batches and generation
 # ----------------------------------------------------------------------------------------------
-def chat_prompt(tokenizer, prompt):
-    """An HH transcript prompt in the model's own chat format, if its tokenizer has a template."""
-    if not getattr(tokenizer, "chat_template", None):
-        return prompt, True
-    turns = prompt.split("\n\nHuman: ")[1:]
-    messages = []
-    for turn in turns:
-        human, _, assistant = turn.partition("\n\nAssistant:")
-        messages.append({"role": "user", "content": human.strip()})
-        if assistant.strip():
-            messages.append({"role": "assistant", "content": assistant.strip()})
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return text, False
-
-
 def encode(tokenizer, prompt, response=None, max_len=512, max_prompt_len=None):
     """(prompt ids, response ids + EOS). The prompt is cut from the left to fit, the response from
     the right; tokenized separately so the boundary between them is exact."""
-    text, add_special = chat_prompt(tokenizer, prompt)
+    text, add_special = data.chat_prompt(tokenizer, prompt)
     p = tokenizer(text, add_special_tokens=add_special)["input_ids"]
     p = p[-(max_prompt_len or max_len):]
     if response is None:
@@ -297,17 +318,6 @@ def encode(tokenizer, prompt, response=None, max_len=512, max_prompt_len=None):
     r = r[: max(1, max_len - len(p))]
     p = p[-(max_len - len(r)):] if len(p) + len(r) > max_len else p
     return p, r
-
-
-def tokenize_pairs(tokenizer, pairs, max_len):
-    """(prompt ids, chosen ids + EOS, prompt ids, rejected ids + EOS) per preference pair; the
-    prompt is cut separately for each side so that both fit in max_len."""
-    out = []
-    for x in pairs:
-        p, c = encode(tokenizer, x["prompt"], x["chosen"], max_len=max_len)
-        p2, r = encode(tokenizer, x["prompt"], x["rejected"], max_len=max_len)
-        out.append((p, c, p2, r))
-    return out
 
 
 def pad_batch(seqs, pad_id, left=False, width=None):
@@ -530,128 +540,8 @@ def progress(iterable, d, **kw):
     return tqdm(iterable, disable=not d.main, dynamic_ncols=True, file=sys.stderr, **kw)
 
 
-# ----------------------------------------------------------------------------------------------
-# The loop SFT, reward modelling and DPO share
-# ----------------------------------------------------------------------------------------------
-def add_training_flags(parser, **defaults):
-    """Flags every supervised trainer has; a stage passes its own defaults (e.g. out=, lr=)."""
-    flags = [  # name, type, default, help
-        ("out", str, None, "output directory"),
-        ("steps", int, 1000, "optimizer steps"),
-        ("batch_size", int, 64, "global batch (examples per optimizer step, all ranks together)"),
-        ("grad_accum", int, 1, "micro-batches per rank per optimizer step"),
-        ("lr", float, 2e-3, "peak learning rate (tiny models ~1e-3; ~1e-5 at 7B)"),
-        ("warmup", int, 30, "linear warm-up steps, then cosine decay to 10%%"),
-        ("weight_decay", float, 0.0, "AdamW weight decay"),
-        ("max_len", int, 128, "max tokens of prompt + response"),
-        ("eval_every", int, 250, "held-out evaluation every K steps"),
-        ("save_every", int, 250, "checkpoint every K steps (0: never)"),
-        ("stop_at", int, None, "stop after this step as if interrupted (for resume tests)"),
-        ("seed", int, 1, "seed for init, data order and sampling"),
-        ("bf16", int, None, "bf16 autocast compute, fp32 weights (default: on under CUDA, off on CPU)"),
-        ("compile", int, 0, "torch.compile each decoder block (1) or not (0)"),
-        ("log_every", int, 10, "metrics every K steps"),
-    ]
-    for name, kind, default, help_ in flags:
-        parser.add_argument(f"--{name}", type=kind, default=defaults.pop(name, default), help=help_)
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
-    if defaults:
-        raise TypeError(f"add_training_flags: unknown defaults {sorted(defaults)}")
-
-
-def start(args, parser):
-    """Process group, seeds, flag checks and the checkpoint to resume from (or None)."""
-    d = init_distributed()
-    if args.batch_size % (d.world * args.grad_accum):
-        parser.error(f"--batch_size {args.batch_size} must divide evenly into {d.world} ranks x --grad_accum {args.grad_accum}")
-    seed_everything(args.seed)
-    ckpt = find_checkpoint(os.path.join(args.out, "checkpoint")) if args.resume else None
-    if args.resume and ckpt is None and d.main:
-        print(f"--resume: no checkpoint in {args.out}/checkpoint; starting from scratch")
-    args.bf16 = bool(args.bf16) if args.bf16 is not None else d.device.type == "cuda"
-    return d, ckpt
-
-
-def adamw(model, args):
-    return optimizer(model, args.lr, args.weight_decay)
-
-
 def optimizer(model, lr, weight_decay=0.0):
     """AdamW (β = 0.9, 0.95); the fused CUDA kernel when every parameter is a plain CUDA tensor."""
     params = list(model.parameters())
     fused = all(p.is_cuda and type(p) is torch.nn.Parameter for p in params)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95), fused=fused or None)
-
-
-def equal_chunks(items, n_chunks, size=None):
-    """Split `items` into n_chunks lists (of `size` each if given); some may be empty."""
-    size = size or math.ceil(len(items) / n_chunks)
-    return [items[i * size:(i + 1) * size] for i in range(n_chunks)]
-
-
-def rank_chunks(items, d, batch_size):
-    """This rank's share of `items` (every world-th) in chunks of `batch_size`. Every rank gets the
-    same number of chunks, some possibly empty, because FSDP forwards are collective."""
-    n_chunks = math.ceil(math.ceil(len(items) / d.world) / batch_size)
-    return equal_chunks(items[d.rank::d.world], n_chunks, batch_size)
-
-
-def supervised_loop(args, d, model, optimizer, tokenizer, examples, micro_loss, batch_weight, evaluate, log, first_step, name):
-    """Optimizer steps first_step..args.steps. Each step takes the global batch (the same on every
-    rank), gives this rank its share in --grad_accum micro-batches, and back-propagates
-    micro_loss(micro) * world / batch_weight(global batch): a per-example (or per-token) mean over
-    the whole global batch, whatever the number of ranks or micro-batches. FSDP2 averages
-    gradients over ranks; the factor `world` turns that average into the sum.
-    micro_loss(micro) -> (summed loss, {metric: summed value}); evaluate() -> {metric: value}.
-    Returns False if --stop_at ended the run early, True when all steps are done."""
-    bar = progress(range(first_step, args.steps), d, initial=first_step, total=args.steps, desc=name)
-    t0, seen = time.time(), 0
-    tokens, busy_s, n_steps = 0, 0.0, 0  # since the last log: non-pad tokens of the global batches, seconds and count of their steps
-    for step in bar:
-        t_step = time.perf_counter()
-        model.train()
-        batch = [examples[i] for i in batch_indices(step, args.batch_size, len(examples), args.seed)]
-        norm = batch_weight(batch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args.steps, args.warmup, args.lr)
-        sums = {}
-        for micro in equal_chunks(batch[d.rank::d.world], args.grad_accum):
-            loss, stats = micro_loss(micro)
-            (loss * d.world / norm).backward()
-            for k, v in {"train/loss": loss, **stats}.items():
-                sums[k] = sums.get(k, 0.0) + v.detach().float()
-        totals = all_reduce_sum(torch.stack(list(sums.values())), d).tolist()
-        metrics = {k: v / norm for k, v in zip(sums, totals)}
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
-        if not (math.isfinite(metrics["train/loss"]) and math.isfinite(grad_norm)):
-            optimizer.zero_grad(set_to_none=True)  # never apply (or save) a non-finite update
-            log.log(step + 1, {"train/skipped": 1, "train/loss": str(metrics["train/loss"]), "train/grad_norm": str(grad_norm)})
-            if d.main:
-                print(f"{name} step {step + 1}: non-finite loss or gradient ({metrics['train/loss']}, {grad_norm}); update skipped")
-            continue
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        seen += len(batch)
-        tokens += sum(len(part) for example in batch for part in example)  # an example: a tuple of id lists
-        busy_s, n_steps = busy_s + time.perf_counter() - t_step, n_steps + 1
-
-        out = {}
-        if (step + 1) % args.log_every == 0 or step == first_step:
-            out = {**metrics, "train/grad_norm": grad_norm, "train/lr": optimizer.param_groups[0]["lr"],
-                   "perf/examples_per_s": seen / (time.time() - t0), "perf/peak_rss_mb": peak_rss_mb(),
-                   "perf/step_s": busy_s / n_steps, **perf_metrics(tokens, busy_s, d.device)}
-            tokens, busy_s, n_steps = 0, 0.0, 0
-            bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            out.update(evaluate())
-        if out:
-            log.log(step + 1, out)
-        if args.save_every and ((step + 1) % args.save_every == 0 or step + 1 in (args.steps, args.stop_at)):
-            save_checkpoint(os.path.join(args.out, "checkpoint"), {"model": model}, {"model": optimizer},
-                            tokenizer, {"step": step + 1}, d)
-        if step + 1 == args.stop_at:
-            if d.main:
-                print(f"{name}: stopped at step {step + 1} (--stop_at); continue with --resume")
-            return False
-    return True

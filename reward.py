@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 import data
 import plumbing
+import sft
 
 # fmt: off
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -37,7 +38,7 @@ parser.add_argument("--data", default="toy", help="data.py spec of preference pa
 parser.add_argument("--split", default="train", help="training split, with an optional slice")
 parser.add_argument("--eval_split", default=None, help="held-out split; default: toy 'test', else 5%% carved from --split")
 parser.add_argument("--stats_pairs", type=int, default=4096, help="training pairs scored at the end for reward_stats.json")
-plumbing.add_training_flags(parser, out="runs/reward", steps=400, lr=1e-3, eval_every=100, save_every=200)
+sft.add_training_flags(parser, out="runs/reward", steps=400, lr=1e-3, eval_every=100, save_every=200)
 # fmt: on
 
 
@@ -75,6 +76,17 @@ def bradley_terry_loss(r_chosen, r_rejected):
 
 def load_reward_model(path, tokenizer, seed=0):
     return RewardModel(plumbing.load_model(path, tokenizer, seed=seed, head="score"))
+
+
+def tokenize_pairs(tokenizer, pairs, max_len):
+    """(prompt ids, chosen ids + EOS, prompt ids, rejected ids + EOS) per preference pair; the
+    prompt is cut separately for each side so that both fit in max_len."""
+    out = []
+    for x in pairs:
+        p, c = plumbing.encode(tokenizer, x["prompt"], x["chosen"], max_len=max_len)
+        p2, r = plumbing.encode(tokenizer, x["prompt"], x["rejected"], max_len=max_len)
+        out.append((p, c, p2, r))
+    return out
 
 
 def pair_batch(examples, pad_id):
@@ -143,15 +155,15 @@ def heldout_metrics(model, examples, pairs, pad_id, d):
 
 
 def main(args):
-    d, ckpt = plumbing.start(args, parser)
+    d, ckpt = sft.start(args, parser)
     train, heldout = data.train_and_heldout(data.load_pairs, args.data, args.split, args.eval_split, seed=args.seed)
     source = os.path.join(ckpt, "model") if ckpt else args.sft
     tokenizer = plumbing.load_tokenizer(source)
     model = plumbing.shard(load_reward_model(source, tokenizer, seed=args.seed), d, bf16=args.bf16, compile_blocks=args.compile)
-    optimizer = plumbing.adamw(model, args)
+    optimizer = sft.adamw(model, args)
     first = plumbing.load_optimizer_state(ckpt, {"model": model}, {"model": optimizer}, d)["step"] if ckpt else 0
-    train_ex = plumbing.tokenize_pairs(tokenizer, train, args.max_len)
-    heldout_ex = plumbing.tokenize_pairs(tokenizer, heldout[:2000], args.max_len)
+    train_ex = tokenize_pairs(tokenizer, train, args.max_len)
+    heldout_ex = tokenize_pairs(tokenizer, heldout[:2000], args.max_len)
     log = plumbing.MetricsLog(os.path.join(args.out, "metrics.jsonl"), d, resume=ckpt is not None)
     if d.main:
         print(f"reward: {args.sft} on {args.data}: {len(train_ex)} train / {len(heldout_ex)} held-out pairs, "
@@ -166,7 +178,7 @@ def main(args):
         margin = (r_chosen - r_rejected).detach()
         return loss, {"train/accuracy": (margin > 0).float().sum(), "train/margin": margin.sum()}
 
-    finished = plumbing.supervised_loop(
+    finished = sft.supervised_loop(
         args, d, model, optimizer, tokenizer, train_ex, micro_loss, batch_weight=len,
         evaluate=lambda: heldout_metrics(model, heldout_ex, heldout[:2000], tokenizer.pad_token_id, d),
         log=log, first_step=first, name="reward")

@@ -17,12 +17,42 @@ Writes `--out` (default runs/sft): the model and tokenizer (save_pretrained), me
 and checkpoint/ (every --save_every steps; --resume continues from it to the same result).
 """
 import argparse
+import math
 import os
+import time
 
 import torch
 
 import data
 import plumbing
+
+
+def add_training_flags(parser, **defaults):
+    """The flags SFT, reward.py and dpo.py share (defined before the parser, which uses it); each
+    stage passes its own defaults (e.g. out=, lr=)."""
+    flags = [  # name, type, default, help
+        ("out", str, None, "output directory"),
+        ("steps", int, 1000, "optimizer steps"),
+        ("batch_size", int, 64, "global batch (examples per optimizer step, all ranks together)"),
+        ("grad_accum", int, 1, "micro-batches per rank per optimizer step"),
+        ("lr", float, 2e-3, "peak learning rate (tiny models ~1e-3; ~1e-5 at 7B)"),
+        ("warmup", int, 30, "linear warm-up steps, then cosine decay to 10%%"),
+        ("weight_decay", float, 0.0, "AdamW weight decay"),
+        ("max_len", int, 128, "max tokens of prompt + response"),
+        ("eval_every", int, 250, "held-out evaluation every K steps"),
+        ("save_every", int, 250, "checkpoint every K steps (0: never)"),
+        ("stop_at", int, None, "stop after this step as if interrupted (for resume tests)"),
+        ("seed", int, 1, "seed for init, data order and sampling"),
+        ("bf16", int, None, "bf16 autocast compute, fp32 weights (default: on under CUDA, off on CPU)"),
+        ("compile", int, 0, "torch.compile each decoder block (1) or not (0)"),
+        ("log_every", int, 10, "metrics every K steps"),
+    ]
+    for name, kind, default, help_ in flags:
+        parser.add_argument(f"--{name}", type=kind, default=defaults.pop(name, default), help=help_)
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    if defaults:
+        raise TypeError(f"add_training_flags: unknown defaults {sorted(defaults)}")
+
 
 # fmt: off
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -31,7 +61,7 @@ parser.add_argument("--data", default="toy", help="data.py spec: 'toy', a hub id
 parser.add_argument("--split", default="train", help="training split, with an optional slice: 'train', 'test[:512]'")
 parser.add_argument("--eval_split", default=None, help="held-out split; default: toy 'test', else 5%% carved from --split")
 parser.add_argument("--gold_prompts", type=int, default=200, help="toy only: greedy-decode this many test prompts and report gold scores")
-plumbing.add_training_flags(parser, out="runs/sft", steps=1000, lr=2e-3)
+add_training_flags(parser, out="runs/sft", steps=1000, lr=2e-3)
 # fmt: on
 
 
@@ -93,14 +123,103 @@ def gold_by_group(model, tokenizer, prompts, d, batch_size=50, max_new_tokens=24
     return {g: (s[0] / s[1]).item() for g, s in zip(sums, stacked) if s[1] > 0}
 
 
+# ----------------------------------------------------------------------------------------------
+# The training loop SFT, reward modelling and DPO share
+# ----------------------------------------------------------------------------------------------
+def lr_at(step, total, warmup, peak):
+    """Linear warm-up to `peak`, then cosine decay to 10% of it at `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def start(args, parser):
+    """Process group, seeds, flag checks and the checkpoint to resume from (or None)."""
+    d = plumbing.init_distributed()
+    if args.batch_size % (d.world * args.grad_accum):
+        parser.error(f"--batch_size {args.batch_size} must divide evenly into {d.world} ranks x --grad_accum {args.grad_accum}")
+    plumbing.seed_everything(args.seed)
+    ckpt = plumbing.find_checkpoint(os.path.join(args.out, "checkpoint")) if args.resume else None
+    if args.resume and ckpt is None and d.main:
+        print(f"--resume: no checkpoint in {args.out}/checkpoint; starting from scratch")
+    args.bf16 = bool(args.bf16) if args.bf16 is not None else d.device.type == "cuda"
+    return d, ckpt
+
+
+def adamw(model, args):
+    return plumbing.optimizer(model, args.lr, args.weight_decay)
+
+
+def supervised_loop(args, d, model, optimizer, tokenizer, examples, micro_loss, batch_weight, evaluate, log, first_step, name):
+    """Optimizer steps first_step..args.steps. Each step takes the global batch (the same on every
+    rank), gives this rank its share in --grad_accum micro-batches, and back-propagates
+    micro_loss(micro) * world / batch_weight(global batch): a per-example (or per-token) mean over
+    the whole global batch, whatever the number of ranks or micro-batches. FSDP2 averages
+    gradients over ranks; the factor `world` turns that average into the sum.
+    micro_loss(micro) -> (summed loss, {metric: summed value}); evaluate() -> {metric: value}.
+    Returns False if --stop_at ended the run early, True when all steps are done."""
+    bar = plumbing.progress(range(first_step, args.steps), d, initial=first_step, total=args.steps, desc=name)
+    t0, seen = time.time(), 0
+    tokens, busy_s, n_steps = 0, 0.0, 0  # since the last log: non-pad tokens of the global batches, seconds and count of their steps
+    for step in bar:
+        t_step = time.perf_counter()
+        model.train()
+        batch = [examples[i] for i in plumbing.batch_indices(step, args.batch_size, len(examples), args.seed)]
+        norm = batch_weight(batch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args.steps, args.warmup, args.lr)
+        sums = {}
+        for micro in plumbing.equal_chunks(batch[d.rank::d.world], args.grad_accum):
+            loss, stats = micro_loss(micro)
+            (loss * d.world / norm).backward()
+            for k, v in {"train/loss": loss, **stats}.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float()
+        totals = plumbing.all_reduce_sum(torch.stack(list(sums.values())), d).tolist()
+        metrics = {k: v / norm for k, v in zip(sums, totals)}
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+        if not (math.isfinite(metrics["train/loss"]) and math.isfinite(grad_norm)):
+            optimizer.zero_grad(set_to_none=True)  # never apply (or save) a non-finite update
+            log.log(step + 1, {"train/skipped": 1, "train/loss": str(metrics["train/loss"]), "train/grad_norm": str(grad_norm)})
+            if d.main:
+                print(f"{name} step {step + 1}: non-finite loss or gradient ({metrics['train/loss']}, {grad_norm}); update skipped")
+            continue
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        seen += len(batch)
+        tokens += sum(len(part) for example in batch for part in example)  # an example: a tuple of id lists
+        busy_s, n_steps = busy_s + time.perf_counter() - t_step, n_steps + 1
+
+        out = {}
+        if (step + 1) % args.log_every == 0 or step == first_step:
+            out = {**metrics, "train/grad_norm": grad_norm, "train/lr": optimizer.param_groups[0]["lr"],
+                   "perf/examples_per_s": seen / (time.time() - t0), "perf/peak_rss_mb": plumbing.peak_rss_mb(),
+                   "perf/step_s": busy_s / n_steps, **plumbing.perf_metrics(tokens, busy_s, d.device)}
+            tokens, busy_s, n_steps = 0, 0.0, 0
+            bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            out.update(evaluate())
+        if out:
+            log.log(step + 1, out)
+        if args.save_every and ((step + 1) % args.save_every == 0 or step + 1 in (args.steps, args.stop_at)):
+            plumbing.save_checkpoint(os.path.join(args.out, "checkpoint"), {"model": model}, {"model": optimizer},
+                                     tokenizer, {"step": step + 1}, d)
+        if step + 1 == args.stop_at:
+            if d.main:
+                print(f"{name}: stopped at step {step + 1} (--stop_at); continue with --resume")
+            return False
+    return True
+
+
 def main(args):
-    d, ckpt = plumbing.start(args, parser)
+    d, ckpt = start(args, parser)
     train, heldout = data.train_and_heldout(data.load_demos, args.data, args.split, args.eval_split, seed=args.seed)
 
     source = os.path.join(ckpt, "model") if ckpt else args.model
     tokenizer = plumbing.load_tokenizer(source, texts=[x["prompt"] + x["response"] for x in train])
     model = plumbing.shard(plumbing.load_model(source, tokenizer, seed=args.seed), d, bf16=args.bf16, compile_blocks=args.compile)
-    optimizer = plumbing.adamw(model, args)
+    optimizer = adamw(model, args)
     first = plumbing.load_optimizer_state(ckpt, {"model": model}, {"model": optimizer}, d)["step"] if ckpt else 0
     train_ex = tokenize_demos(tokenizer, train, args.max_len)
     heldout_ex = tokenize_demos(tokenizer, heldout[:1000], args.max_len)
@@ -114,7 +233,7 @@ def main(args):
         ids, mask, lm = (t.to(d.device) for t in make_batch(micro, tokenizer.pad_token_id))
         return response_nll(model, ids, mask, lm)[0], {}
 
-    finished = plumbing.supervised_loop(
+    finished = supervised_loop(
         args, d, model, optimizer, tokenizer, train_ex, micro_loss,
         batch_weight=lambda batch: sum(len(r) for _, r in batch),  # per-token mean over the global batch
         evaluate=lambda: {"eval/loss": heldout_loss(model, heldout_ex, tokenizer.pad_token_id, d)},

@@ -122,10 +122,21 @@ def test_results_schema_and_identical_models_tie(toy_sft_dir, tmp_path, monkeypa
     assert all(set(g) >= {"model", "split", "group", "gold_mean"} and 0 <= g["gold_mean"] <= 1 for g in groups)
     assert "| gold | B |" in (out / "table.md").read_text()
     assert len((out / "responses.jsonl").read_text().splitlines()) == 2 * 2 * 10
-    if importlib.util.find_spec("matplotlib") is None:  # the plots are optional
-        return
-    for png in ("gold_per_group.png", "training_curves.png"):
-        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (out / "table.md").read_text()
+    assert table.startswith("Win / Tie / Lose: % of the prompts of each split (test: 10, ood: 10)")
+    assert "| model | split | copy | reverse | arithmetic | harmful | summary | mean | worst group | best − worst |" in table
+
+
+def test_plots_are_written(tmp_path):
+    if importlib.util.find_spec("matplotlib") is None:
+        pytest.skip("matplotlib not installed (pip install -r requirements.txt)")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "train/loss": 1.0 / s}) + "\n" for s in (1, 2, 3)))
+    rows = [{"model": m, "split": "test", "group": g, "gold_mean": x} for m in "AB" for g, x in (("copy", 0.5), ("sum", 0.2))]
+    evaluate.plot(str(tmp_path), {"A": str(run)}, rows, {("A", "test"): [0.1, 0.5, 0.9]})
+    for png in ("reward_distribution.png", "gold_per_group.png", "training_curves.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_any_prompt_source_with_the_llm_judge(toy_sft_dir, tmp_path, judge_server):

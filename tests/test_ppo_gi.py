@@ -291,9 +291,10 @@ def test_resume_equals_uninterrupted(toy_sft_dir, tmp_path):
 
 def test_end_to_end_variants_on_the_builtin_task(toy_sft_dir, tmp_path, capsys):
     """GI-PPO, PPO with KL and PPO without KL each run a short schedule from the same SFT model
-    with the trained reward model; the gold scores are reported next to SFT's, not asserted: at
-    this budget (8 iterations of 32 samples from a 150-step SFT model) no variant reliably beats
-    SFT. The README sections "Reproduction" and "Gold reward" give the numbers at pipeline scale."""
+    with the trained reward model. Each trains (its policy moves away from SFT) and its logged
+    greedy gold is that of the policy it saved. Whether a variant beats SFT is not asserted: at
+    this budget (8 iterations of 32 samples from a 150-step SFT model) none reliably does.
+    RESULTS.md gives the numbers at pipeline scale."""
     import reward
     import sft
     rm = str(tmp_path / "rm")
@@ -301,8 +302,7 @@ def test_end_to_end_variants_on_the_builtin_task(toy_sft_dir, tmp_path, capsys):
                                           "--eval_split", "test[:64]", "--save_every", "0", "--eval_every", "1000", "--stats_pairs", "256"]))
     test = [x["prompt"] for x in data.load_prompts("toy", "test[:100]")]
     tok = plumbing.load_tokenizer(toy_sft_dir)
-    sft_gold = sft.gold_by_group(plumbing.load_model(toy_sft_dir, tok), tok, test, plumbing.Dist())
-    results = {"SFT": sum(sft_gold.values()) / len(sft_gold)}
+    sft_weights = plumbing.load_model(toy_sft_dir, tok).state_dict()
     for name, flags in (("GI-PPO", []), ("PPO w/ KL", ["--no_gi"]), ("PPO w/o KL", ["--no_gi", "--kl_coef", "0"])):
         out = str(tmp_path / name.replace(" ", "_").replace("/", ""))
         ppo_gi.main(ppo_gi.parser.parse_args(["--sft", toy_sft_dir, "--reward", rm, "--out", out, "--steps", "8",
@@ -311,13 +311,13 @@ def test_end_to_end_variants_on_the_builtin_task(toy_sft_dir, tmp_path, capsys):
         log = read_metrics(os.path.join(out, "metrics.jsonl"))
         assert all(np.isfinite(r["policy/loss"]) for r in log if "policy/loss" in r)
         assert os.path.exists(os.path.join(out, "critic", "extra_heads.pt"))
-        results[name] = log[-1]["eval/gold_mean"]
+        policy = plumbing.load_model(out, tok)
+        assert max((v - sft_weights[k]).abs().max().item() for k, v in policy.state_dict().items()) > 0, name
+        gold = sft.gold_by_group(policy, tok, test, plumbing.Dist())
+        assert log[-1]["eval/gold_mean"] == pytest.approx(sum(gold.values()) / len(gold), abs=1e-6), name
         if name == "GI-PPO":
             assert {"groups/size_0", "groups/size_1", "groups/r_var_theta", "groups/p_high_mean", "gold/arithmetic"} <= log[0].keys()
             rollouts = os.path.join(out, "rollouts.jsonl")
             groups.main(groups.parser.parse_args(["--rollouts", rollouts, "--critic", os.path.join(out, "critic")]))
             printed = capsys.readouterr().out
             assert "group 0: soft size" in printed and "arithmetic" in printed
-    with capsys.disabled():
-        print("\ngreedy gold on 100 test prompts: " + ", ".join(f"{k} {v:.3f}" for k, v in results.items()))
-    assert all(0.0 <= v <= 1.0 for v in results.values())

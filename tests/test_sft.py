@@ -38,14 +38,20 @@ def test_prompt_tokens_carry_no_loss(tiny_tokenizer):
     model = plumbing.build_tiny_model(tok, seed=0)
     examples = sft.tokenize_demos(tok, data.load_demos("toy", "test[:3]"), max_len=128)
     ids, mask, lm = sft.make_batch(examples, tok.pad_token_id)
-    logits = model(input_ids=ids, attention_mask=mask).logits
-    logits.retain_grad()
+    seen = []  # the logits of the forward pass inside sft.response_nll, kept for their gradient
+
+    def keep_logits(module, inputs, output):
+        output.logits.retain_grad()
+        seen.append(output.logits)
+
+    model.register_forward_hook(keep_logits)
+    got, n_tokens = sft.response_nll(model, ids, mask, lm)
+    logits = seen[0]
     # the same sum computed another way: log-softmax, gather, positions listed by hand
-    logp = torch.log_softmax(logits.float(), -1)
+    logp = torch.log_softmax(logits.detach().float(), -1)
     expected = -sum(logp[i, t - 1, ids[i, t]] for i, (p, r) in enumerate(examples) for t in range(len(p), len(p) + len(r)))
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
-    got = (nll.view(ids.shape[0], -1) * lm[:, 1:]).sum()
-    assert torch.allclose(got, expected, rtol=1e-5)
+    assert torch.allclose(got.detach(), expected, rtol=1e-5)
+    assert n_tokens == sum(len(r) for _, r in examples)
     got.backward()
     for i, (p, r) in enumerate(examples):  # logits predicting prompt tokens or padding get no gradient
         assert logits.grad[i, : len(p) - 1].abs().max() == 0
@@ -110,9 +116,10 @@ def test_resume_under_torchrun_continues_a_single_process_checkpoint(tmp_path):
     _assert_same_run(full, part)
 
 
-def test_bad_batch_flags_are_named():
+def test_bad_batch_flags_are_named(capsys):
     with pytest.raises(SystemExit):
         sft.main(sft.parser.parse_args(["--batch_size", "10", "--grad_accum", "4"]))
+    assert "--batch_size 10 must divide evenly into 1 ranks x --grad_accum 4" in capsys.readouterr().err
 
 
 @needs_shared
