@@ -218,11 +218,11 @@ def test_end_to_end_variants_on_the_builtin_task(toy_sft_dir, tmp_path, capsys):
         assert os.path.exists(os.path.join(out, "critic", "extra_heads.pt"))
         results[name] = log[-1]["eval/gold_mean"]
         if name == "GI-PPO":
-            assert {"groups/size_0", "groups/size_1", "groups/r_var_theta", "groups/p_high_mean", "gold/arithmetic"} <= log[0].keys()
+            assert {"groups/size_0", "groups/size_1", "groups/r_var_theta", "groups/p_high_mean", "gold/lookup"} <= log[0].keys()
             rollouts = os.path.join(out, "rollouts.jsonl")
             groups.main(groups.parser.parse_args(["--rollouts", rollouts, "--critic", os.path.join(out, "critic")]))
             printed = capsys.readouterr().out
-            assert "group 0: soft size" in printed and "arithmetic" in printed
+            assert "group 0: soft size" in printed and "lookup" in printed
     with capsys.disabled():
         print("\ngreedy gold on 100 test prompts: " + ", ".join(f"{k} {v:.3f}" for k, v in results.items()))
     assert all(0.0 <= v <= 1.0 for v in results.values())
