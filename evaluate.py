@@ -23,7 +23,8 @@ model's score distribution (quantiles, skewness: the long tail).
     python evaluate.py ... --judges llm --judge_url http://localhost:8000/v1 --judge_model my-judge
 
 Writes --out (default runs/eval): results.json ({winrates, groups, rewards, settings}), table.md,
-responses.jsonl, and PNG plots where matplotlib is installed. One process (a GPU when there is one).
+responses.jsonl, and PNG plots where matplotlib is installed (reward distributions, gold per group,
+training curves, and gold against KL over each PPO run's iterations: the over-optimization curve). One process (a GPU when there is one).
 """
 import argparse
 import json
@@ -40,6 +41,8 @@ import torch
 import data
 import plumbing
 import reward
+
+GOLD_KL_WINDOW = 5  # gold_vs_kl.png: running mean over this many PPO iterations (each a 64-sample rollout)
 
 # fmt: off
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -250,6 +253,7 @@ def plot(out, model_dirs, group_rows, rm_scores):
             ax.set(ylabel="mean gold score", title=f"gold per true group ({split})")
         axes[0][0].legend(fontsize=6)
         fig.savefig(os.path.join(out, "gold_per_group.png"), dpi=120, bbox_inches="tight")
+    plot_gold_vs_kl(out, model_dirs, plt)
     keys = ["train/loss", "objective/scores", "objective/kl", "gold/mean"]
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5))
     for name, path in model_dirs.items():
@@ -265,6 +269,41 @@ def plot(out, model_dirs, group_rows, rm_scores):
         if ax.lines:
             ax.legend(fontsize=6)
     fig.savefig(os.path.join(out, "training_curves.png"), dpi=120, bbox_inches="tight")
+
+
+def gold_vs_kl(path, window=GOLD_KL_WINDOW):
+    """The over-optimization curve of one ppo_gi.py run (Gao et al. 2022): per iteration, the KL
+    from π^SFT and the gold score of the sampled rollouts (mean and per true group), each a running
+    mean over `window` iterations. {} when the run logged no gold (not the built-in task)."""
+    log = os.path.join(path, "metrics.jsonl")
+    if not os.path.exists(log):
+        return {}
+    with open(log) as f:
+        rows = [r for r in map(json.loads, f) if "objective/kl" in r and "gold/mean" in r]
+    if not rows:
+        return {}
+    smooth = lambda xs: [float(np.mean(xs[max(0, i - window + 1): i + 1])) for i in range(len(xs))]  # noqa: E731
+    keys = ["gold/mean"] + sorted(k for k in rows[-1] if k.startswith("gold/") and k != "gold/mean")
+    return {"kl": smooth([r["objective/kl"] for r in rows]),
+            **{k[len("gold/"):]: smooth([r.get(k, np.nan) for r in rows]) for k in keys}}
+
+
+def plot_gold_vs_kl(out, model_dirs, plt):
+    """gold_vs_kl.png: gold against KL for every PPO run among the models, one panel for the mean
+    and one per true group. Written only when some run logged gold (the built-in task)."""
+    curves = {name: c for name, path in model_dirs.items() if (c := gold_vs_kl(path))}
+    if not curves:
+        return
+    panels = list(dict.fromkeys(k for c in curves.values() for k in c if k != "kl"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        for name, c in curves.items():
+            if panel in c:
+                ax.plot(c["kl"], c[panel], marker=".", markersize=3, label=name)
+        ax.set(xlabel="KL(π || π_SFT), per response", ylabel="gold (sampled rollouts)", title=f"gold: {panel}")
+    axes[0][0].legend(fontsize=6)
+    fig.suptitle(f"gold vs KL over PPO iterations (running mean of {GOLD_KL_WINDOW})", fontsize=9)
+    fig.savefig(os.path.join(out, "gold_vs_kl.png"), dpi=120, bbox_inches="tight")
 
 
 def aggregate(paths):

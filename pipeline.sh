@@ -8,10 +8,14 @@
 #   ./pipeline.sh --sweep --no-install   # instead: the β_policy × η sweep on the RL split (RESULTS.md)
 #
 # Stages (each skipped when its output exists, unless --force):
-#   sft → reward → dpo → ppo (no KL) → ppo_kl → gi_ppo → gi_fixed_kl → gi_beta0 → evaluate
+#   sft → reward → dpo → ppo (no KL) → ppo_kl → gi_ppo → gi_fixed_kl → gi_beta0 → ppo_gold
+#   → ppo_shuffled → evaluate
 # gi_fixed_kl: group invariance without the adaptive KL; gi_beta0: adaptive KL without the group
-# invariant term (β_policy = 0). The budgets and the PPO coefficients are environment variables
-# (defaults below), so a test can run the same script with a tiny budget.
+# invariant term (β_policy = 0). Two controls of the RL machinery itself: ppo_gold, PPO with the
+# gold judge as its reward (what RL can reach on this task), and ppo_shuffled, PPO w/ KL whose
+# scores are shuffled within each rollout batch (no signal: whatever it moves is the update's
+# noise floor). The budgets and the PPO coefficients are environment variables (defaults below),
+# so a test can run the same script with a tiny budget.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -96,9 +100,12 @@ ppo ppo_kl --no_gi --kl_coef "$ETA_PPO_KL"
 ppo gi_ppo --kl_coef "$ETA" --beta_policy "$BETA_POLICY"
 ppo gi_fixed_kl --fixed_kl --kl_coef "$ETA" --beta_policy "$BETA_POLICY"
 ppo gi_beta0 --kl_coef "$ETA" --beta_policy 0
+ppo ppo_gold --no_gi --reward gold
+ppo ppo_shuffled --no_gi --kl_coef "$ETA_PPO_KL" --shuffle_rewards
 stage evaluate "$OUT/eval/results.json" "$PY" evaluate.py --model "GI-PPO=$OUT/gi_ppo" \
   --opponents "SFT=$OUT/sft" "PPO=$OUT/ppo" "PPO w/ KL=$OUT/ppo_kl" "DPO=$OUT/dpo" \
   "GI-PPO fixed KL=$OUT/gi_fixed_kl" "GI-PPO β_policy 0=$OUT/gi_beta0" \
+  "PPO (gold reward)=$OUT/ppo_gold" "PPO (shuffled)=$OUT/ppo_shuffled" \
   --reward "$OUT/reward" --judges gold rm --splits test ood --n_prompts "$EVAL_PROMPTS" --seed "$SEED" --out "$OUT/eval"
 if [ "$RAN" = 0 ]; then  # evaluate.py prints the table when it runs
   cat "$OUT/eval/table.md"

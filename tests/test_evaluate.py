@@ -162,7 +162,7 @@ def test_pipeline_end_to_end_with_a_tiny_budget(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((tmp_path / "p" / "eval" / "results.json").read_text())
     opponents = {w["opponent"] for w in results["winrates"]}
-    assert opponents == {"SFT", "PPO", "PPO w/ KL", "DPO", "GI-PPO fixed KL", "GI-PPO β_policy 0"}
+    assert opponents == {"SFT", "PPO", "PPO w/ KL", "DPO", "GI-PPO fixed KL", "GI-PPO β_policy 0", "PPO (gold reward)", "PPO (shuffled)"}
     assert {w["judge"] for w in results["winrates"]} == {"gold", "rm"} and {w["split"] for w in results["winrates"]} == {"test", "ood"}
     assert all(abs(w["win"] + w["tie"] + w["lose"] + w["invalid"] - 100) < 1e-6 for w in results["winrates"])
     assert "Win / Tie / Lose" in proc.stdout
@@ -173,7 +173,7 @@ def test_pipeline_end_to_end_with_a_tiny_budget(tmp_path):
     gi_row = table.splitlines()[2].split(" | ")
     assert len(table.splitlines()) == 4 and gi_row[1:3] == ["0.05", "0.5"] and float(gi_row[4]) == pytest.approx(sum(gold) / 2, abs=5e-4)
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and again.stdout.count("skipped") == 9  # every stage's output exists
+    assert again.returncode == 0 and again.stdout.count("skipped") == 11  # every stage's output exists
 
 
 def test_aggregate_mean_and_std_over_runs(tmp_path):
@@ -189,3 +189,28 @@ def test_aggregate_mean_and_std_over_runs(tmp_path):
     text = evaluate.aggregate(paths)
     assert "| gold | O | 50.0 ± 10.0 / 40.0 ± 10.0 / 10.0 ± 0.0 |" in text  # np.std: population std
     assert "| M | test | 0.300 | 0.900 | 0.600 ± 0.100 | 0.600 ± 0.000 |" in text
+
+
+def test_gold_vs_kl_curve_is_computed_and_plotted(tmp_path):
+    """The over-optimization plot from each PPO run's metrics.jsonl: running means of KL and gold."""
+    runs = {}
+    for name, slope in (("PPO", 0.1), ("GI-PPO", -0.1)):
+        run = tmp_path / name
+        run.mkdir()
+        rows = [{"step": 0, "train/loss": 1.0}] + [
+            {"step": i, "objective/kl": 0.1 * i, "gold/mean": 0.5 + slope * i, "gold/copy": 0.6, "gold/summary": 0.4 - 0.01 * i}
+            for i in range(1, 8)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        runs[name] = str(run)
+    runs["SFT"] = str(tmp_path / "sft_without_metrics")
+    curve = evaluate.gold_vs_kl(runs["PPO"], window=2)
+    assert set(curve) == {"kl", "mean", "copy", "summary"} and len(curve["kl"]) == 7
+    assert curve["kl"][:2] == pytest.approx([0.1, 0.15]) and curve["mean"][-1] == pytest.approx(0.5 + 0.1 * 6.5)
+    assert evaluate.gold_vs_kl(runs["SFT"]) == {}
+    if importlib.util.find_spec("matplotlib") is None:
+        pytest.skip("matplotlib not installed: no plots")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    evaluate.plot_gold_vs_kl(str(tmp_path), runs, plt)
+    assert (tmp_path / "gold_vs_kl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -2,6 +2,7 @@
 the two players' gradients, the adaptive KL reward, torchrun, resume, and end-to-end runs."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -290,11 +291,13 @@ def test_resume_equals_uninterrupted(toy_sft_dir, tmp_path):
 
 
 def test_end_to_end_variants_on_the_builtin_task(toy_sft_dir, tmp_path, capsys):
-    """GI-PPO, PPO with KL and PPO without KL each run a short schedule from the same SFT model
-    with the trained reward model. Each trains (its policy moves away from SFT) and its logged
-    greedy gold is that of the policy it saved. Whether a variant beats SFT is not asserted: at
-    this budget (8 iterations of 32 samples from a 150-step SFT model) none reliably does.
-    RESULTS.md gives the numbers at pipeline scale."""
+    """GI-PPO and PPO with KL each run a short schedule from the same SFT model with the trained
+    reward model: each trains (its policy moves away from SFT) and its logged greedy gold is that of
+    the policy it saved; whether they beat SFT is not asserted at this budget (8 iterations of 32
+    samples from a 150-step SFT model; RESULTS.md gives the numbers at pipeline scale). PPO with the
+    gold judge as its reward must beat SFT: the built-in task leaves RL room. Measured on a 2-core
+    CPU, PPO seeds 1/2/3 from this SFT: greedy gold on 100 test prompts 0.454 → 0.547/0.569/0.525
+    (+0.093/+0.115/+0.071); asserted: +0.04."""
     import reward
     import sft
     rm = str(tmp_path / "rm")
@@ -302,9 +305,13 @@ def test_end_to_end_variants_on_the_builtin_task(toy_sft_dir, tmp_path, capsys):
                                           "--eval_split", "test[:64]", "--save_every", "0", "--eval_every", "1000", "--stats_pairs", "256"]))
     test = [x["prompt"] for x in data.load_prompts("toy", "test[:100]")]
     tok = plumbing.load_tokenizer(toy_sft_dir)
-    sft_weights = plumbing.load_model(toy_sft_dir, tok).state_dict()
-    for name, flags in (("GI-PPO", []), ("PPO w/ KL", ["--no_gi"]), ("PPO w/o KL", ["--no_gi", "--kl_coef", "0"])):
-        out = str(tmp_path / name.replace(" ", "_").replace("/", ""))
+    sft_model = plumbing.load_model(toy_sft_dir, tok)
+    sft_weights = sft_model.state_dict()
+    sft_gold = sft.gold_by_group(sft_model, tok, test, plumbing.Dist())
+    results = {"SFT": sum(sft_gold.values()) / len(sft_gold)}
+    gold_reward = ["--no_gi", "--reward", "gold", "--minibatch", "16", "--lr", "1e-4"]
+    for name, flags in (("GI-PPO", []), ("PPO w/ KL", ["--no_gi"]), ("PPO (gold reward)", gold_reward)):
+        out = str(tmp_path / re.sub(r"\W+", "_", name))
         ppo_gi.main(ppo_gi.parser.parse_args(["--sft", toy_sft_dir, "--reward", rm, "--out", out, "--steps", "8",
                                               "--rollout_batch", "32", "--minibatch", "8", "--max_new_tokens", "16",
                                               "--eval_prompts", "100", "--save_every", "0", *flags]))
@@ -314,10 +321,13 @@ def test_end_to_end_variants_on_the_builtin_task(toy_sft_dir, tmp_path, capsys):
         policy = plumbing.load_model(out, tok)
         assert max((v - sft_weights[k]).abs().max().item() for k, v in policy.state_dict().items()) > 0, name
         gold = sft.gold_by_group(policy, tok, test, plumbing.Dist())
-        assert log[-1]["eval/gold_mean"] == pytest.approx(sum(gold.values()) / len(gold), abs=1e-6), name
+        results[name] = sum(gold.values()) / len(gold)
+        assert log[-1]["eval/gold_mean"] == pytest.approx(results[name], abs=1e-6), name
         if name == "GI-PPO":
-            assert {"groups/size_0", "groups/size_1", "groups/r_var_theta", "groups/p_high_mean", "gold/arithmetic"} <= log[0].keys()
+            assert {"groups/size_0", "groups/size_1", "groups/r_var_theta", "groups/p_high_mean", "groups/grad_cos",
+                    "groups/weight_abs_mean", "gold/lookup"} <= log[0].keys()
             rollouts = os.path.join(out, "rollouts.jsonl")
             groups.main(groups.parser.parse_args(["--rollouts", rollouts, "--critic", os.path.join(out, "critic")]))
             printed = capsys.readouterr().out
-            assert "group 0: soft size" in printed and "arithmetic" in printed
+            assert "group 0: soft size" in printed and "lookup" in printed
+    assert results["PPO (gold reward)"] > results["SFT"] + 0.04, results

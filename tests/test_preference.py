@@ -68,7 +68,7 @@ def test_reward_model_learns_the_builtin_task(toy_sft_dir, tmp_path):
     final = read_metrics(os.path.join(out, "metrics.jsonl"))[-1]
     print(f"held-out RM accuracy after 80 steps: {final['eval/accuracy']:.3f}")
     assert final["eval/accuracy"] > 0.7  # chance is 0.5; label noise caps it near 0.86
-    assert {"eval/reward/skewness", "eval/reward/q95", "eval/reward/harmful/mean", "eval/accuracy/arithmetic"} <= final.keys()
+    assert {"eval/reward/skewness", "eval/reward/q95", "eval/reward/harmful/mean", "eval/accuracy/lookup"} <= final.keys()
     # the saved directory reloads with plain transformers and gives the same scores
     tok = plumbing.load_tokenizer(out)
     hf = AutoModelForSequenceClassification.from_pretrained(out)
