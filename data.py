@@ -195,7 +195,7 @@ def _parse(prompt):
     if group == "copy":
         return group, text.split(": ", 1)[1].split()
     if group == "lookup":
-        return group, next(SOUNDS[a] for a in SOUNDS if f" a {a} " in text or text.endswith(f" a {a}?"))
+        return group, next(SOUNDS[a] for a in SOUNDS if f" a {a} " in text or f" a {a}?" in text)
     if group == "harmful":
         return group, next(h for h in HARMS + OOD_HARMS if f" {h} " in text)
     if group == "summary":

@@ -37,9 +37,9 @@ RM_STEPS="${RM_STEPS:-150}"          # reward-model steps
 DPO_STEPS="${DPO_STEPS:-150}"        # DPO steps
 PPO_STEPS="${PPO_STEPS:-40}"         # PPO iterations of each variant (64 rollouts each)
 EVAL_PROMPTS="${EVAL_PROMPTS:-200}"  # prompts per evaluation split (test, ood)
-ETA="${ETA:-0.5}"                    # η, the KL penalty coefficient of GI-PPO and its ablations
-ETA_PPO_KL="${ETA_PPO_KL:-1.0}"      # η of PPO w/ KL
-BETA_POLICY="${BETA_POLICY:-0.05}"   # β_policy, the weight of R_var in GI-PPO's policy loss
+ETA="${ETA:-0.2}"                    # η, the KL penalty coefficient of GI-PPO and its ablations
+ETA_PPO_KL="${ETA_PPO_KL:-0.2}"      # η of PPO w/ KL (and of the shuffled control)
+BETA_POLICY="${BETA_POLICY:-0.3}"    # β_policy, the weight of R_var in GI-PPO's policy loss
 PY="${PYTHON:-python}"
 
 if [ "$INSTALL" = 1 ]; then
@@ -74,12 +74,12 @@ if [ "$SWEEP" = 1 ]; then
   # β_policy × η for GI-PPO and η for PPO w/ KL, from this seed's SFT and reward model. Judged by
   # the gold score of the sampled responses to the RL split's prompts (the last 10 iterations'
   # mean): no test prompt is used to choose.
-  stage "sweep reference: the SFT policy, not updated" "$OUT/sweep/sft_lr0/config.json" "$PY" ppo_gi.py --sft "$OUT/sft" \
+  [ "${SWEEP_REFERENCE:-1}" = 1 ] && stage "sweep reference: the SFT policy, not updated" "$OUT/sweep/sft_lr0/config.json" "$PY" ppo_gi.py --sft "$OUT/sft" \
     --reward "$OUT/reward" --steps "$PPO_STEPS" --seed "$SEED" --out "$OUT/sweep/sft_lr0" --save_every 0 --eval_prompts 0 --no_gi --lr 0
-  for eta in ${SWEEP_ETAS:-0.05 0.2 0.5 1}; do
+  for eta in ${SWEEP_ETAS:-0.05 0.2 0.5}; do
     stage "sweep ppo_kl η=$eta" "$OUT/sweep/ppo_kl_eta$eta/config.json" "$PY" ppo_gi.py --sft "$OUT/sft" --reward "$OUT/reward" \
       --steps "$PPO_STEPS" --seed "$SEED" --out "$OUT/sweep/ppo_kl_eta$eta" --save_every 0 --eval_prompts 0 --no_gi --kl_coef "$eta"
-    for beta in ${SWEEP_BETAS:-0.01 0.05 0.2}; do
+    for beta in ${SWEEP_BETAS:-0.1 0.3 1}; do
       stage "sweep gi_ppo β_policy=$beta η=$eta" "$OUT/sweep/gi_beta${beta}_eta$eta/config.json" "$PY" ppo_gi.py --sft "$OUT/sft" \
         --reward "$OUT/reward" --steps "$PPO_STEPS" --seed "$SEED" --out "$OUT/sweep/gi_beta${beta}_eta$eta" --save_every 0 \
         --eval_prompts 0 --beta_policy "$beta" --kl_coef "$eta"

@@ -252,12 +252,13 @@ def scratch_folder(requested):
 
 
 def plan(args):
-    """(size, stage) in the order they run: the pipeline per size (135m: + generate), then the 135m compiled extras."""
+    """(size, stage) in the order they run: the pipeline per size, then the 135m extras (generate
+    per KV cache kind, compiled stages), which a short --budget_s skips first."""
     order = []
     for size in args.sizes:
-        order += [(size, s) for s in ("sft", "rm", "gi_ppo") + (("generate",) if size == "135m" else ()) if s in args.stages]
+        order += [(size, s) for s in ("sft", "rm", "gi_ppo") if s in args.stages]
     if "135m" in args.sizes:
-        order += [("135m", s) for s in ("sft_compiled", "gi_ppo_compiled") if s in args.stages]
+        order += [("135m", s) for s in ("generate", "sft_compiled", "gi_ppo_compiled") if s in args.stages]
     return order
 
 

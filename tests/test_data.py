@@ -113,6 +113,13 @@ def test_builtin_task_shape():
     assert not train_prompts & {x["prompt"] for x in test if data.true_group(x["prompt"]) not in data.TABLE_GROUPS}
 
 
+@pytest.mark.parametrize("split", ["rl", "test", "ood"])
+def test_gold_judge_scores_the_ideal_response_of_every_prompt_1(split):
+    """Every prompt parses (the ood wordings and trailing context included) and its ideal scores 1."""
+    scores = [data.gold_score(p, ideal) for p, ideal in data._toy_prompts("prompts", split)]
+    assert len(scores) > 0 and min(scores) == 1.0
+
+
 DOCUMENTED_GOLD_AGREEMENT = {"copy": (0.85, 0.93), "lookup": (0.94, 1.0), "harmful": (0.90, 0.97), "summary": (0.45, 0.65)}  # README
 
 
