@@ -35,7 +35,8 @@ OUT="${OUT:-runs/pipeline-s$SEED}"
 SFT_STEPS="${SFT_STEPS:-400}"        # SFT steps: short of convergence, so RL has room to improve on SFT
 RM_STEPS="${RM_STEPS:-150}"          # reward-model steps
 DPO_STEPS="${DPO_STEPS:-150}"        # DPO steps
-PPO_STEPS="${PPO_STEPS:-40}"         # PPO iterations of each variant (64 rollouts each)
+PPO_STEPS="${PPO_STEPS:-40}"         # PPO iterations of each variant
+PPO_BATCH="${PPO_BATCH:-64}"         # rollouts per PPO iteration, updated as one minibatch
 EVAL_PROMPTS="${EVAL_PROMPTS:-200}"  # prompts per evaluation split (test, ood)
 ETA="${ETA:-0.2}"                    # η, the KL penalty coefficient of GI-PPO and its ablations  } each method's
 ETA_PPO_KL="${ETA_PPO_KL:-0.5}"      # η of PPO w/ KL (and of the shuffled control)              } best RL-split gold
@@ -93,7 +94,7 @@ stage dpo "$OUT/dpo/config.json" "$PY" dpo.py --sft "$OUT/sft" --steps "$DPO_STE
 ppo() {  # ppo NAME FLAGS...: one ppo_gi.py variant from the same SFT and reward model
   local name="$1"; shift
   stage "$name" "$OUT/$name/config.json" "$PY" ppo_gi.py --sft "$OUT/sft" --reward "$OUT/reward" --steps "$PPO_STEPS" \
-    --seed "$SEED" --out "$OUT/$name" --save_every 0 --eval_prompts 0 "$@"
+    --rollout_batch "$PPO_BATCH" --minibatch "$PPO_BATCH" --seed "$SEED" --out "$OUT/$name" --save_every 0 --eval_prompts 0 "$@"
 }
 ppo ppo --no_gi --kl_coef 0
 ppo ppo_kl --no_gi --kl_coef "$ETA_PPO_KL"

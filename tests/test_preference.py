@@ -108,7 +108,7 @@ def test_short_runs_on_real_hh_rlhf(toy_sft_dir, tmp_path, stage):
 
 @needs_shared
 @needs_smollm2
-@pytest.mark.parametrize("stage", ["reward", "dpo"])
+@pytest.mark.parametrize("stage", ["reward"])  # dpo's causal-LM path on SmolLM2 is test_sft's; the RM adds a new head
 def test_smollm2_backbone_on_real_hh_rlhf(tmp_path, stage):
     module = {"reward": reward, "dpo": dpo}[stage]
     out = str(tmp_path / stage)
