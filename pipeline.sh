@@ -38,9 +38,9 @@ DPO_STEPS="${DPO_STEPS:-150}"        # DPO steps
 PPO_STEPS="${PPO_STEPS:-40}"         # PPO iterations of each variant
 PPO_BATCH="${PPO_BATCH:-64}"         # rollouts per PPO iteration, updated as one minibatch
 EVAL_PROMPTS="${EVAL_PROMPTS:-200}"  # prompts per evaluation split (test, ood)
-ETA="${ETA:-0.2}"                    # η, the KL penalty coefficient of GI-PPO and its ablations  } each method's
-ETA_PPO_KL="${ETA_PPO_KL:-0.5}"      # η of PPO w/ KL (and of the shuffled control)              } best RL-split gold
-BETA_POLICY="${BETA_POLICY:-0.1}"    # β_policy, the weight of R_var in GI-PPO's policy loss     } in --sweep, seed 1
+ETA="${ETA:-0.2}"                    # η, the KL penalty coefficient of GI-PPO and its ablations
+ETA_PPO_KL="${ETA_PPO_KL:-0.5}"      # η of PPO w/ KL (and of the shuffled control)
+BETA_POLICY="${BETA_POLICY:-0.1}"    # β_policy, the weight of R_var in GI-PPO's policy loss
 PY="${PYTHON:-python}"
 
 if [ "$INSTALL" = 1 ]; then
