@@ -156,7 +156,7 @@ def test_any_prompt_source_with_the_llm_judge(toy_sft_dir, tmp_path, judge_serve
 
 
 def test_pipeline_end_to_end_with_a_tiny_budget(tmp_path):
-    env = {**os.environ, "SFT_STEPS": "20", "RM_STEPS": "6", "DPO_STEPS": "6", "PPO_STEPS": "2", "PPO_BATCH": "16", "EVAL_PROMPTS": "6",
+    env = {**os.environ, "SFT_STEPS": "10", "RM_STEPS": "3", "DPO_STEPS": "3", "PPO_STEPS": "2", "PPO_BATCH": "16", "EVAL_PROMPTS": "4",
            "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = ["bash", os.path.join(ROOT, "pipeline.sh"), "--no-install", "--seed", "3", "--out", str(tmp_path / "p")]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
