@@ -257,13 +257,11 @@ def plot(out, model_dirs, group_rows, rm_scores):
     keys = ["train/loss", "objective/scores", "objective/kl", "gold/mean"]
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5))
     for name, path in model_dirs.items():
-        log = os.path.join(path, "metrics.jsonl")
-        if os.path.exists(log):
-            rows = [json.loads(line) for line in open(log)]
-            for ax, key in zip(axes, keys):
-                pts = [(r["step"], r[key]) for r in rows if key in r]
-                if pts:
-                    ax.plot(*zip(*pts), label=name)
+        rows = training_log(path)
+        for ax, key in zip(axes, keys):
+            pts = [(r["step"], r[key]) for r in rows if key in r]
+            if pts:
+                ax.plot(*zip(*pts), label=name)
     for ax, key in zip(axes, keys):
         ax.set(title=key, xlabel="step")
         if ax.lines:
@@ -271,15 +269,20 @@ def plot(out, model_dirs, group_rows, rm_scores):
     fig.savefig(os.path.join(out, "training_curves.png"), dpi=120, bbox_inches="tight")
 
 
+def training_log(path):
+    """The rows of a model directory's metrics.jsonl ([] when it has none, e.g. a hub model)."""
+    log = os.path.join(path, "metrics.jsonl")
+    if not os.path.exists(log):
+        return []
+    with open(log) as f:
+        return [json.loads(line) for line in f]
+
+
 def gold_vs_kl(path, window=GOLD_KL_WINDOW):
     """The over-optimization curve of one ppo_gi.py run (Gao et al. 2022): per iteration, the KL
     from π^SFT and the gold score of the sampled rollouts (mean and per true group), each a running
     mean over `window` iterations. {} when the run logged no gold (not the built-in task)."""
-    log = os.path.join(path, "metrics.jsonl")
-    if not os.path.exists(log):
-        return {}
-    with open(log) as f:
-        rows = [r for r in map(json.loads, f) if "objective/kl" in r and "gold/mean" in r]
+    rows = [r for r in training_log(path) if "objective/kl" in r and "gold/mean" in r]
     if not rows:
         return {}
     smooth = lambda xs: [float(np.mean(xs[max(0, i - window + 1): i + 1])) for i in range(len(xs))]  # noqa: E731

@@ -390,7 +390,7 @@ def ppo_update(args, d, policy, critic, opt_policy, opt_critic, batch, log_stats
                 sums = plumbing.all_reduce_sum(sums, d) / n_tok
                 # |w_i| relative to the PPO term's weight 1/B per trajectory: where β_policy·B·|w_i| > 1,
                 # the group term outweighs PPO and reverses a best-group trajectory's update
-                w = groups.variance_weights(G, probs, n_min, lambda x: plumbing.all_reduce_sum(x.clone(), d))
+                w = groups.variance_weights(G, probs, n_min, reduce)
                 w_abs = plumbing.all_reduce_sum(torch.stack([w.abs().sum(), torch.ones_like(w).sum()]), d)
             names = ["policy/loss", "val/loss", "policy/approxkl", "policy/clipfrac", "policy/entropy", "val/clipfrac"]
             for name, value in zip(names, sums.tolist()):

@@ -67,7 +67,7 @@ def test_reward_model_learns_the_builtin_task(toy_sft_dir, tmp_path):
                                           "--save_every", "0", "--eval_every", "1000", "--stats_pairs", "256"]))
     final = read_metrics(os.path.join(out, "metrics.jsonl"))[-1]
     print(f"held-out RM accuracy after 80 steps: {final['eval/accuracy']:.3f}")
-    assert final["eval/accuracy"] > 0.7  # chance is 0.5; label noise caps it near 0.86
+    assert final["eval/accuracy"] > 0.7  # chance is 0.5; label noise and the length-biased summary labels keep it near 0.8 (RESULTS.md)
     assert {"eval/reward/skewness", "eval/reward/q95", "eval/reward/harmful/mean", "eval/accuracy/lookup"} <= final.keys()
     # the saved directory reloads with plain transformers and gives the same scores
     tok = plumbing.load_tokenizer(out)
