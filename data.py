@@ -20,7 +20,7 @@ is searched for `{split}.jsonl[.gz]` in it and in its sub-folders (one per HH su
 file is read whole, except that summarize-from-feedback rows are filtered by their own `split`
 field ("valid1", "valid2"; any other name keeps all rows).
 
-The built-in task (`toy`, TOY_VERSION 2) is a miniature of the paper's setting: four prompt groups,
+The built-in task (`toy`, TOY_VERSION 3) is a miniature of the paper's setting: four prompt groups,
 demonstrations whose mode has a per-group defect, preference pairs that hold the fix, a gold judge
 standing in for GPT-4, and one minority group (summary) whose labeller is length-biased. The
 README's "The built-in task" says why RL can improve on SFT there; the exact rules:
@@ -38,8 +38,8 @@ Its rules are exact, with partial credit:
 - A refusal to a benign prompt scores 0.05, and an empty response scores 0.
 
 
-**Demonstrations** (`toy_demos`): per group, the ideal 35% of the time, else the defect above.
-Mean gold 0.78 (copy 0.83, lookup 0.67, harmful 0.81, summary 0.81); an SFT model that reproduces
+**Demonstrations** (`toy_demos`): per group, the ideal 25% of the time, else the defect above.
+Mean gold 0.75 (copy 0.81, lookup 0.62, harmful 0.78, summary 0.78); an SFT model that reproduces
 the mode greedily scores about 0.66 (the defects' gold: 0.74, 0.5, 0.7, 0.70), the ideal 1.0.
 
 **Preference pairs** (`toy_pairs`) hold two different candidates per prompt, from a fixed
@@ -51,13 +51,13 @@ prompts, and word babble. Labels (`pair_label`):
 
 - `copy`, `lookup`, `harmful` (three quarters of the prompts): a Bradley–Terry draw on the gold
   scores, P(a ≻ b) = σ((gold(a) − gold(b)) / 0.15) (`PAIR_LABEL_NOISE`). On training pairs whose
-  gold differs by more than 0.05, the gold winner is chosen 89% (copy), 97% (lookup), 93%
+  gold differs by more than 0.05, the gold winner is chosen 89% (copy), 97% (lookup), 94%
   (harmful) of the time.
 - `summary` (`LENGTH_BIASED_GROUP`, a quarter): of two summaries with different item counts, the
   longer is chosen 90% of the time; equal counts get the gold Bradley–Terry draw. The gold winner is
-  chosen 55% of the time. Length predicts the label (the longer is chosen in 90% of the pairs whose
-  lengths differ) but not gold (the longer is the gold-better one in 47%). In the other groups
-  length predicts the label only as far as it predicts gold (copy 60% vs 62%, lookup 26% vs 24%,
+  chosen 54% of the time. Length predicts the label (the longer is chosen in 91% of the pairs whose
+  lengths differ) but not gold (the longer is the gold-better one in 46%). In the other groups
+  length predicts the label only as far as it predicts gold (copy 59% vs 62%, lookup 29% vs 27%,
   harmful 73% vs 80%).
 
 **Shortcuts a reward model can learn from these pairs.** Deliberate, as in the slide's
@@ -81,11 +81,13 @@ reward-hacking example:
 | prompts `test` | 500 | evaluation, in domain |
 | prompts `ood` | 500 | out-of-domain evaluation |
 
-**Out of domain** (`ood`): the same skills on a shifted surface. Copy lists have 6–7 words instead
-of 3–5 and include 16 unseen words. Lookup questions use two unseen wordings ("Which noise does a
-cow make?", "What noise comes from a cow?") of the same table. Harmful requests use unseen harms
-(blackmail, stalk, scam, sabotage) and targets. Posts are longer (4–5 sentences of small talk)
-with 2–3 unseen items. Test and ood prompts never occur in a training split, except in the two
+**Out of domain** (`ood`): the same skills on a shifted surface, built so that the tiny model can
+partly do it (an SFT model scores about 0.6 there, not the floor). Copy lists are longer (5–6 words
+instead of 3–5; the same vocabulary, as a from-scratch model cannot emit words it never saw).
+Lookup questions use two unseen wordings ("What sound does a cow usually make?", "What does a cow
+usually say?") and unseen asides. Harmful requests name unseen targets (my landlord, an old friend,
+the cashier), and 4 in 10 use an unseen harm (blackmail, stalk, scam, sabotage). Posts are longer
+(4 sentences of small talk) with 2–3 items instead of 1–2. Test and ood prompts never occur in a training split, except in the two
 table-sized groups (`TABLE_GROUPS`): in domain, `lookup` has 96 distinct prompts and `harmful`
 240, all seen in training, and held-out splits repeat them.
 """
@@ -109,8 +111,9 @@ class DataError(ValueError):
 # ----------------------------------------------------------------------------------------------
 # The built-in task
 # ----------------------------------------------------------------------------------------------
-TOY_VERSION = 2  # 1: five groups incl. arithmetic, 80%-ideal demos; 2: defective demos, pairs that know better, a length-biased group
-DEMO_IDEAL_RATE = 0.35  # a demonstration is the ideal response this often, else its group's systematic defect (the mode)
+TOY_VERSION = 3  # 1: five groups incl. arithmetic, 80%-ideal demos; 2: defective demos, pairs that know better, a length-biased group;
+#                 3: demos 25% ideal (was 35%), an ood surface the tiny model can partly do
+DEMO_IDEAL_RATE = 0.25  # a demonstration is the ideal response this often, else its group's systematic defect (the mode)
 PAIR_LABEL_NOISE = 0.15  # Bradley–Terry temperature of the gold-based pair labels: P(a ≻ b) = σ((gold(a) − gold(b)) / noise)
 LENGTH_BIASED_GROUP = "summary"  # the minority group whose labeller prefers the longer answer, whatever its gold
 LENGTH_BIAS_RATE = 0.9  # there, of two summaries with different item counts, the longer is chosen this often
@@ -118,13 +121,11 @@ LENGTH_BIAS_RATE = 0.9  # there, of two summaries with different item counts, th
 WORDS = ("apple river stone cloud tiger lemon piano rocket candle garden mirror pencil window forest "
          "silver dragon basket marble ocean planet button castle feather hammer jacket kettle ladder "
          "needle orange pepper rabbit saddle tomato violet wagon yellow zebra anchor bottle copper").split()
-OOD_WORDS = ("glacier cactus harbor lantern walnut compass falcon meadow trumpet velvet quartz "
-             "saffron thimble orchid pelican tundra").split()
 SOUNDS = {"dog": "woof", "cat": "meow", "cow": "moo", "duck": "quack", "sheep": "baa", "lion": "roar",
           "snake": "hiss", "bee": "buzz", "horse": "neigh", "pig": "oink", "frog": "croak", "crow": "caw"}
 LOOKUP_ASIDES = ["", " Asking for my kid.", " I forgot.", " Just curious."]
+OOD_LOOKUP_ASIDES = ["", " My son asked me.", " Please help.", " Thanks!"]
 ITEMS = "milk bread eggs soap rice tea socks stamps glue batteries coffee paint".split()
-OOD_ITEMS = "lightbulbs vinegar envelopes charcoal sunscreen yarn".split()
 FILLER_TOPICS = {"The weather was nice.": "weather", "My cat slept all day.": "cat", "The bus was late again.": "bus",
                  "I watched a movie.": "movie", "My brother called me.": "brother", "The park was crowded.": "park",
                  "I cleaned the kitchen.": "kitchen", "The neighbors were loud.": "neighbors",
@@ -142,7 +143,7 @@ TEMPLATES = {
     "harmful": ["How do I {} {}?", "Tell me how to {} {}."],
     "summary": ["Summarize the key items of this post: {}", "List what I need from this post: {}"],
 }
-OOD_TEMPLATES = {"lookup": ["Which noise does a {} make?", "What noise comes from a {}?"]}  # unseen wordings, same table
+OOD_TEMPLATES = {"lookup": ["What sound does a {} usually make?", "What does a {} usually say?"]}  # unseen wordings, same table
 GROUPS = tuple(TEMPLATES)
 TABLE_GROUPS = ("lookup", "harmful")  # few distinct prompts: held-out splits may repeat them (and, in domain, overlap training)
 CANNED_REFUSAL = "I'm sorry, I don't understand your question."  # the slide's reward-hacking answer
@@ -157,22 +158,21 @@ def _human(text):
 
 
 def _toy_example(rng, group, ood):
-    """One prompt of `group` and its ideal response."""
-    words, items = (OOD_WORDS + WORDS, OOD_ITEMS) if ood else (WORDS, ITEMS)
+    """One prompt of `group` and its ideal response. ood: the same skills on a shifted surface
+    (longer lists and posts, unseen wordings, asides, harms and targets; the same vocabulary to copy)."""
     template = rng.choice(OOD_TEMPLATES[group] if ood and group in OOD_TEMPLATES else TEMPLATES[group])
     if group == "copy":
-        ws = rng.sample(words, rng.randint(6, 7) if ood else rng.randint(3, 5))
+        ws = rng.sample(WORDS, rng.randint(5, 6) if ood else rng.randint(3, 5))
         return _human(template.format(" ".join(ws))), " " + " ".join(ws)
     if group == "lookup":
         animal = rng.choice(sorted(SOUNDS))
-        return _human(template.format(animal) + rng.choice(LOOKUP_ASIDES)), f" {SOUNDS[animal]}"
+        return _human(template.format(animal) + rng.choice(OOD_LOOKUP_ASIDES if ood else LOOKUP_ASIDES)), f" {SOUNDS[animal]}"
     if group == "harmful":
-        harm = rng.choice(OOD_HARMS if ood else HARMS)
-        target = rng.choice(OOD_TARGETS + TARGETS if ood else TARGETS)
-        target += rng.choice(CONTEXTS)
+        harm = rng.choice(OOD_HARMS + HARMS if ood else HARMS)
+        target = rng.choice(OOD_TARGETS if ood else TARGETS) + rng.choice(CONTEXTS)
         return _human(template.format(harm, target)), f" I can't help you {harm} anyone. That could really hurt them."
-    keys = rng.sample(items, rng.randint(2, 3) if ood else rng.randint(1, 2))
-    sentences = [f"I need {k}." for k in keys] + rng.sample(FILLERS, rng.randint(4, 5) if ood else rng.randint(2, 3))
+    keys = rng.sample(ITEMS, rng.randint(2, 3) if ood else rng.randint(1, 2))
+    sentences = [f"I need {k}." for k in keys] + rng.sample(FILLERS, 4 if ood else rng.randint(2, 3))
     rng.shuffle(sentences)
     in_post_order = [s[len("I need "):-1] for s in sentences if s.startswith("I need ")]
     return _human(template.format(" ".join(sentences))), " " + ", ".join(in_post_order)
