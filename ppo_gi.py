@@ -254,8 +254,9 @@ def rollout(args, d, policy, reference, critic, scorer, tokenizer, prompts, it, 
         # the sampler's own: the same weights at the same temperature T (PPO_DETAILS 2), from the logits
         # each token was drawn from, so a second policy forward over prompt + response would give them
         # again (in fp32 to ~1e-6, tests/test_generate.py). Under bf16 autocast (CUDA) the cached decode
-        # and the full forward round differently, and the first epoch's ratio π_θ/π_old can differ from
-        # 1 by that rounding (~1e-2 per token) before any update; PPO's clip bounds its effect.
+        # and the full forward round differently, so the first epoch's ratio π_θ/π_old is off 1 by that
+        # rounding before any update: on an H100, random-init GPT-2 (2 layers) and Llama (135M shape),
+        # |Δ log π| was 1e-4 to 4e-4 on average, 8e-3 at most: well inside the clip ε = 0.2.
         logp = sampler_logp.to(d.device)
         ref_logp, _ = response_logprobs(reference, ids, mask, P, args.temperature)
         values, group_logits = critic(ids, mask)
