@@ -65,6 +65,7 @@ parser.add_argument("--max_new_tokens", type=int, default=24, help="response len
 parser.add_argument("--max_prompt_len", type=int, default=128, help="prompts are cut from the left to this many tokens")
 parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sampling, seeded with --seed")
 parser.add_argument("--batch_size", type=int, default=50, help="prompts per generation batch")
+parser.add_argument("--generate_impl", choices=plumbing.GENERATE_IMPLS, default=None, help="decoder: loop (plumbing's own) or hf (transformers' generate); default: plumbing.GENERATE_IMPL")
 parser.add_argument("--seed", type=int, default=1, help="seed of sampling and of the llm judge's A/B order")
 parser.add_argument("--bf16", type=int, default=None, help="bf16 autocast compute, fp32 weights (default: on under CUDA, off on CPU)")
 parser.add_argument("--out", default="runs/eval", help="output directory")
@@ -176,7 +177,8 @@ def respond(args, path, prompts, device):
         texts[split] = []
         for i in range(0, len(ps), args.batch_size):
             out = plumbing.generate(model, tokenizer, ps[i:i + args.batch_size], max_new_tokens=args.max_new_tokens,
-                                    temperature=args.temperature, max_prompt_len=args.max_prompt_len, seed=args.seed + i)
+                                    temperature=args.temperature, max_prompt_len=args.max_prompt_len, seed=args.seed + i,
+                                    impl=args.generate_impl)
             texts[split] += out[3]
             n_tokens += int((out[2] != tokenizer.pad_token_id).sum())  # generated tokens up to each EOS
     return texts, plumbing.perf_metrics(n_tokens, time.perf_counter() - t0, device)

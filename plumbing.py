@@ -338,13 +338,19 @@ def position_ids(mask):
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-# generate()'s KV cache per device type. dynamic: transformers' DynamicCache, eager decoding.
-# static: a StaticCache, eager decoding. compiled: a StaticCache and transformers' torch.compile'd
-# decode step (CUDA graphs; compiled once per batch size, the first call pays for it). The static
-# kinds pad every prompt to max_prompt_len so that all calls share one shape. bench/gpu_check.py
-# measures all three; switching the CUDA default is this one line.
+# generate()'s KV cache per device type. dynamic: transformers' DynamicCache, grown by one position
+# per token. static: a StaticCache, allocated once for the whole call. compiled: a StaticCache and a
+# torch.compile'd decode step (CUDA graphs: one replay per token in place of every kernel launch;
+# compiled once per batch size, the first call pays for it; on a CPU it decodes eagerly, like
+# static, as transformers does). The static kinds pad every prompt to max_prompt_len so that all
+# calls share one shape. bench/gpu_check.py measures all three; switching the CUDA default is this line.
 GENERATE_CACHE = {"cuda": "dynamic", "cpu": "dynamic"}
 CACHE_KINDS = ("dynamic", "static", "compiled")
+# generate()'s decoder. loop: the hand-written loop below (`decode`). hf: transformers'
+# model.generate, kept to compare with (bench/generate.py, tests/test_generate.py): the same seed
+# gives the same tokens.
+GENERATE_IMPL = "loop"
+GENERATE_IMPLS = ("loop", "hf")
 
 
 @functools.cache
@@ -369,30 +375,128 @@ def static_cache(model, max_cache_len):
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts, max_new_tokens=32, temperature=0.0, max_prompt_len=256, seed=None, min_new_tokens=0, cache=None):
+def generate(model, tokenizer, prompts, max_new_tokens=32, temperature=0.0, max_prompt_len=256, seed=None, min_new_tokens=0,
+             cache=None, impl=None, return_logprobs=False):
     """Left-padded batched decoding. temperature 0 = greedy. cache: one of CACHE_KINDS (None: the
-    device's GENERATE_CACHE). Returns (prompt ids [B, P] and their mask, response ids [B, R] with
-    everything after the first EOS set to pad, response texts)."""
+    device's GENERATE_CACHE); impl: one of GENERATE_IMPLS (None: GENERATE_IMPL). Returns (prompt ids
+    [B, P] and their mask, response ids [B, R] with everything after the first EOS set to pad,
+    response texts); return_logprobs adds log π(a_t|s_t) [B, R] of the sampled tokens at the
+    sampling temperature (T = 1 when greedy), float32, 0 at pad."""
     device = next(model.parameters()).device
-    cache = cache or GENERATE_CACHE.get(device.type, "dynamic")
-    if cache not in CACHE_KINDS:
-        raise ValueError(f"generate: cache {cache!r} is not one of {CACHE_KINDS}")
+    cache, impl = cache or GENERATE_CACHE.get(device.type, "dynamic"), impl or GENERATE_IMPL
+    for name, value, kinds in (("cache", cache, CACHE_KINDS), ("impl", impl, GENERATE_IMPLS)):
+        if value not in kinds:
+            raise ValueError(f"generate: {name} {value!r} is not one of {kinds}")
     prompt_ids = [encode(tokenizer, p, max_len=max_prompt_len)[0] for p in prompts]
     ids, mask = pad_batch(prompt_ids, tokenizer.pad_token_id, left=True, width=max_prompt_len if cache != "dynamic" else None)
     ids, mask = ids.to(device), mask.to(device)
     if seed is not None:
         torch.manual_seed(seed)
+    spec = dict(max_new_tokens=max_new_tokens, temperature=temperature, min_new_tokens=min_new_tokens,
+                eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, cache=cache)
+    with unsharded(model):  # one parameter gather for the whole call (PPO_DETAILS 16)
+        if impl == "hf":
+            response, logp = hf_generate(model, ids, mask, logprobs=return_logprobs, **spec)
+        else:
+            # inference mode: no autograd bookkeeping at all (a little less per-token overhead than
+            # no_grad); the results are cloned out of it, so later code may use them like any tensor
+            with torch.inference_mode():
+                response, logp = decode(model, ids, mask, **spec)
+            response, logp = response.clone(), logp.clone()
+    response = response.cpu()
+    texts = tokenizer.batch_decode(response, skip_special_tokens=True)
+    return (ids.cpu(), mask.cpu(), response, texts) + ((logp.cpu(),) if return_logprobs else ())
+
+
+def decode(model, ids, mask, max_new_tokens, temperature, min_new_tokens, eos_id, pad_id, cache):
+    """The sampling loop. Prefill: one forward over the left-padded prompts fills the KV cache and
+    gives the first new token's logits. Then per token: pick it (`pick_token`), and feed it back as a
+    one-token forward at its position. A row that has emitted EOS emits pad from then on (PPO_DETAILS
+    4); the loop stops when every row has, or after max_new_tokens. Returns the tokens [B, R] and
+    their log-probs [B, R] (0 at pad)."""
+    B, P = ids.shape
+    static = cache != "dynamic"
+    kv = static_cache(model, P + max_new_tokens) if static else _dynamic_cache(model)
+    step = compiled_forward_step() if cache == "compiled" and ids.is_cuda else forward_step
+    # the attention mask of the whole call, written once: the prompts', then a column set to 1 as each
+    # new token is fed. A static cache sees all of it (kv length fixed), a dynamic one what it holds.
+    full_mask = torch.cat([mask, mask.new_zeros(B, max_new_tokens)], 1)
+    tokens = ids.new_full((B, max_new_tokens), pad_id)
+    logps = torch.zeros(B, max_new_tokens, device=ids.device)
+    done = torch.zeros(B, dtype=torch.bool, device=ids.device)
+    first_position = mask.sum(-1, keepdim=True)  # positions count real tokens only (PPO_DETAILS 3)
+    logits = forward_step(model, ids, full_mask if static else mask, position_ids(mask), kv)  # prefill
+    for t in range(max_new_tokens):
+        # a_t ~ π(·|s_t) at temperature T (EOS banned while t < min_new_tokens); a finished row emits pad
+        token, logp = pick_token(logits, temperature, eos_id if t < min_new_tokens else None)
+        tokens[:, t] = token.masked_fill_(done, pad_id)
+        logps[:, t] = logp.masked_fill_(done, 0.0)
+        done |= token == eos_id
+        if t + 1 == max_new_tokens or done.all():  # the loop's one host sync per token
+            break
+        # s_{t+1} = s_t + a_t: one position more in the mask and the cache
+        full_mask[:, P + t] = 1
+        logits = step(model, token[:, None], full_mask if static else full_mask[:, :P + t + 1], first_position + t, kv)
+    return tokens[:, :t + 1], logps[:, :t + 1]
+
+
+def pick_token(logits, temperature, banned=None):
+    """The next token from the last position's logits [B, V], picked as transformers' generate picks
+    it (the same ops in the same order, so the same seed gives the same tokens): float32 logits, the
+    `banned` token (EOS, below min_new_tokens) set to −inf, divided by T, then softmax and a
+    multinomial draw (`sample`), or argmax when T = 0. Also log π(token) at temperature T (T = 1 when greedy),
+    taken before the ban: the policy's own log-prob, which ppo_gi.response_logprobs recomputes."""
+    scaled = logits.float() / (temperature or 1.0)
+    # log π(a|s) = z_a − log Σ_a' exp(z_a'),  z = logits / T
+    lse = scaled.logsumexp(-1)
+    if banned is not None:
+        scaled[:, banned] = -math.inf
+    token = sample(scaled.softmax(-1)) if temperature > 0 else scaled.argmax(-1)
+    return token, scaled.gather(-1, token[:, None])[:, 0] - lse
+
+
+def sample(probs):
+    """One token per row from probs [B, V]: torch.multinomial(probs, 1)'s own draw for one sample,
+    argmax_a p_a / q_a with q_a ~ Exp(1) (the exponential race: row a wins with probability p_a),
+    without multinomial's input checks, which wait for the device twice per token. Same random
+    numbers, same tokens (tests/test_generate.py checks it against transformers' generate)."""
+    return (probs / torch.empty_like(probs).exponential_(1)).argmax(-1)
+
+
+def forward_step(model, ids, mask, positions, kv):
+    """One forward through the KV cache `kv`: the logits [B, V] of the last position only."""
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=kv, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1]
+
+
+@functools.cache
+def compiled_forward_step():
+    """forward_step under torch.compile with CUDA graphs, as transformers compiles its decode step
+    (one graph per model and batch size; the prefill stays eager: its shape changes every call)."""
+    return torch.compile(forward_step, mode="reduce-overhead", dynamic=False)
+
+
+def _dynamic_cache(model):
+    from transformers import DynamicCache
+    return DynamicCache(config=getattr(model, "hf", model).config)
+
+
+def hf_generate(model, ids, mask, max_new_tokens, temperature, min_new_tokens, eos_id, pad_id, cache, logprobs=False):
+    """transformers' model.generate with decode()'s arguments and results (log-probs only if asked)."""
     sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
     if cache != "dynamic":
         sampling.update(past_key_values=static_cache(model, ids.shape[1] + max_new_tokens), disable_compile=cache == "static")
-    with unsharded(model):
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens or None,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sampling)
-    response = out[:, ids.shape[1]:].cpu()
-    after_eos = (response == tokenizer.eos_token_id).long().cumsum(-1) - (response == tokenizer.eos_token_id).long() > 0
-    response[after_eos] = tokenizer.pad_token_id  # truncate after the first EOS (PPO_DETAILS 4)
-    texts = tokenizer.batch_decode(response, skip_special_tokens=True)
-    return ids.cpu(), mask.cpu(), response, texts
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens or None,
+                         pad_token_id=pad_id, eos_token_id=eos_id, return_dict_in_generate=True, output_logits=logprobs, **sampling)
+    response = out.sequences[:, ids.shape[1]:]
+    is_eos = (response == eos_id).long()
+    after_eos = is_eos.cumsum(-1) - is_eos > 0
+    response[after_eos] = pad_id  # truncate after the first EOS (PPO_DETAILS 4)
+    if not logprobs:
+        return response, None
+    z = torch.stack(out.logits, 1).float() / (temperature or 1.0)
+    logp = z.gather(-1, response[..., None])[..., 0] - z.logsumexp(-1)
+    return response, logp.masked_fill(after_eos, 0.0)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ classifier p_φ of groups.py) starts from the reward model. Each iteration, numb
 algorithm box:
   1. sample responses to a batch of prompts from π_θ;
   2. score them with the reward model r_ψ (a response with no EOS scores below every finished one);
-  3. compute log π_θ (old), log π^SFT, V(s_t) and p_φ(g|x,y) on the samples, without gradient;
+  3. take log π_θ (old) from the sampler, compute log π^SFT, V(s_t) and p_φ(g|x,y) on the samples;
   4. token rewards: −η·p_φ(g_high|x,y)·KL_t on every response token, + the score on the last one;
   5. GAE advantages and returns;
   6. PPO epochs: θ descends the clipped surrogate + β_policy·R_var (φ fixed); the critic descends
@@ -59,7 +59,7 @@ parser.add_argument("--ppo_epochs", type=int, default=1, help="passes over each 
 parser.add_argument("--max_new_tokens", type=int, default=24, help="response length limit")
 parser.add_argument("--min_new_tokens", type=int, default=0, help="suppress EOS before this many tokens (benchmarks)")
 parser.add_argument("--max_prompt_len", type=int, default=128, help="prompts are cut from the left to this many tokens")
-parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; log-probs are recomputed with the same T")
+parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; log-probs are taken at the same T")
 parser.add_argument("--lr", type=float, default=2e-5, help="policy learning rate, small enough that a no-signal run (--shuffle_rewards) leaves the policy where it was (5e-7 at 7B)")
 parser.add_argument("--critic_lr", type=float, default=3e-4, help="critic + group head learning rate: the value head must track returns within a few iterations (1.5e-6 at 7B)")
 parser.add_argument("--kl_coef", type=float, default=0.05, help="η: KL penalty coefficient (0: PPO without KL)")
@@ -87,6 +87,7 @@ parser.add_argument("--resume", action="store_true", help="continue from OUT/che
 parser.add_argument("--seed", type=int, default=1, help="seed for data order and sampling")
 parser.add_argument("--bf16", type=int, default=None, help="bf16 autocast compute, fp32 weights (default: on under CUDA, off on CPU)")
 parser.add_argument("--generate_cache", choices=plumbing.CACHE_KINDS, default=None, help="rollout KV cache: dynamic, static, or compiled (static + compiled decode step); default: plumbing.GENERATE_CACHE for the device")
+parser.add_argument("--generate_impl", choices=plumbing.GENERATE_IMPLS, default=None, help="rollout sampler: loop (plumbing's own decoding loop) or hf (transformers' generate, for comparison); default: plumbing.GENERATE_IMPL")
 parser.add_argument("--log_every", type=int, default=1, help="metrics every K iterations")
 # fmt: on
 
@@ -186,11 +187,11 @@ class RunningStd:
 
 def response_logprobs(model, ids, mask, prompt_len, temperature, with_entropy=False):
     """log π(a_t|s_t) of the response tokens [B, R] at temperature T, and, with_entropy, the
-    per-token entropy [B, R] (no gradient, for logging; else None). Only the response positions'
-    logits are computed."""
-    n_resp = ids.shape[1] - prompt_len
+    per-token entropy [B, R] (no gradient, for logging; else None). Only the logits that predict a
+    response token are computed (positions P−1 … T−2), and no KV cache is kept."""
+    predicting = torch.arange(prompt_len - 1, ids.shape[1] - 1, device=ids.device)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=plumbing.position_ids(mask),
-                   logits_to_keep=n_resp + 1).logits[:, :-1].float()
+                   logits_to_keep=predicting, use_cache=False).logits.float()
     if temperature != 1.0:
         logits = logits / temperature  # the same T as in sampling (PPO_DETAILS 2)
     # log π(a|s) = logit_a − log Σ_a' exp(logit_a'), without materializing the full log-softmax
@@ -226,11 +227,15 @@ def rollout(args, d, policy, reference, critic, scorer, tokenizer, prompts, it, 
     policy.eval()
     t0 = time.perf_counter()
     # 1. sample: the data order is the same on every rank, the sampling seed differs per rank
-    q_ids, q_mask, resp, texts = plumbing.generate(policy, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
-                                                   temperature=args.temperature, max_prompt_len=args.max_prompt_len,
-                                                   seed=args.seed * 100003 + it * d.world + d.rank, min_new_tokens=args.min_new_tokens,
-                                                   cache=args.generate_cache)
+    q_ids, q_mask, resp, texts, sampler_logp = plumbing.generate(
+        policy, tokenizer, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        max_prompt_len=args.max_prompt_len, seed=args.seed * 100003 + it * d.world + d.rank,
+        min_new_tokens=args.min_new_tokens, cache=args.generate_cache, impl=args.generate_impl, return_logprobs=True)
     t_gen = time.perf_counter() - t0
+    # the static KV caches pad every prompt to --max_prompt_len: drop the columns that are padding in
+    # every row, so that the scoring forwards and the update do not compute on them
+    first = int(q_mask.any(0).nonzero()[0, 0])
+    q_ids, q_mask = q_ids[:, first:], q_mask[:, first:]
     has_eos = (resp == tokenizer.eos_token_id).any(-1)
     r_mask = response_mask(resp, tokenizer.eos_token_id)
     ids = torch.cat([q_ids, resp], 1).to(d.device)
@@ -245,8 +250,14 @@ def rollout(args, d, policy, reference, critic, scorer, tokenizer, prompts, it, 
             raw = reward.sequence_rewards(scorer, ids, mask)
             center = scorer.stats["mean"]  # the RM's mean score on its training pairs (reward_stats.json)
         scores = shape_scores(args, d, raw - center, has_eos.to(d.device), running, it)
-        # 3. old log-probs, reference log-probs, values, group probabilities
-        logp, _ = response_logprobs(policy, ids, mask, P, args.temperature)
+        # 3. old log-probs, reference log-probs, values, group probabilities. The old log π_θ(a_t|s_t) are
+        # the sampler's own: the same weights at the same temperature T (PPO_DETAILS 2), from the logits
+        # each token was drawn from, so a second policy forward over prompt + response would give them
+        # again (in fp32 to ~1e-6, tests/test_generate.py). Under bf16 autocast (CUDA) the cached decode
+        # and the full forward round differently, so the first epoch's ratio π_θ/π_old is off 1 by that
+        # rounding before any update: on an H100, random-init GPT-2 (2 layers) and Llama (135M shape),
+        # |Δ log π| was 1e-4 to 4e-4 on average, 8e-3 at most: well inside the clip ε = 0.2.
+        logp = sampler_logp.to(d.device)
         ref_logp, _ = response_logprobs(reference, ids, mask, P, args.temperature)
         values, group_logits = critic(ids, mask)
         values = values[:, P - 1:-1]

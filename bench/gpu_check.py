@@ -16,7 +16,7 @@ token). gpu_mem_gb is the stage's peak allocated GPU memory. Stages:
   sft           SFT on packed HH-RLHF text: several transcripts per example, cut to exactly max_len
   sft_compiled  the same with --compile 1 (torch.compile of each decoder block)
   rm            reward model on HH-RLHF pairs as they are (each batch padded to its longest)
-  gi_ppo        GI-PPO: 64 prompts x 128 sampled new tokens per step, HF generate's dynamic cache
+  gi_ppo        GI-PPO: 64 prompts x 128 sampled new tokens per step, plumbing's decoding loop, dynamic cache
   generate      plumbing.generate alone, each KV cache kind (dynamic, static, compiled): tokens/s
   gi_ppo_compiled  GI-PPO with --generate_cache compiled
 Every stage runs in its own try (a failure prints an "error" row and the rest go on), and a stage

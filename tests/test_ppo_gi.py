@@ -110,6 +110,17 @@ def rollout_batch(toy_sft_dir):
     return args, policy, critic, batch
 
 
+def test_rollout_old_logprobs_are_the_samplers_and_equal_a_recomputation(rollout_batch):
+    """Step 3 takes log π_θ(old) from the sampler instead of a second policy forward; in fp32 the
+    two agree, so the first PPO epoch's ratio starts at 1."""
+    args, policy, _, batch = rollout_batch
+    with torch.no_grad():
+        again, _ = ppo_gi.response_logprobs(policy, batch["ids"], batch["mask"], batch["P"], args.temperature)
+    r_mask = batch["r_mask"].bool()
+    assert (batch["logp"] - again)[r_mask].abs().max() <= 1e-5 and (batch["logp"][~r_mask] == 0).all()
+    assert batch["mask"][:, 0].any()  # no column of padding in every row
+
+
 def test_phi_step_raises_r_var_and_each_step_gradient_stays_with_its_player(rollout_batch):
     args, policy, critic, batch = rollout_batch
     for p in list(policy.parameters()) + list(critic.parameters()):
@@ -121,7 +132,7 @@ def test_phi_step_raises_r_var_and_each_step_gradient_stays_with_its_player(roll
     new_logp, _ = ppo_gi.response_logprobs(policy, ids, mask, batch["P"], args.temperature)
     pg = -batch["advantages"] * (new_logp - batch["logp"]).exp() * r_mask
     J = ppo_gi.per_trajectory_terms("derived", G, pg, r_mask.sum(), len(G), new_logp, batch["returns"], r_mask)
-    assert torch.allclose(J, G)  # its value is the return ...
+    assert torch.allclose(J, G, atol=1e-6)  # its value is the return (up to float32 rounding of G + S − S) ...
     groups.variance_penalty(groups.group_returns(J, probs)).backward()
     assert all(p.grad is None for p in critic.parameters())  # ... its gradient the policy's
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.parameters())
