@@ -17,7 +17,7 @@ token). gpu_mem_gb is the stage's peak allocated GPU memory. Stages:
   sft_compiled  the same with --compile 1 (torch.compile of each decoder block)
   rm            reward model on HH-RLHF pairs as they are (each batch padded to its longest)
   gi_ppo        GI-PPO: 64 prompts x 128 sampled new tokens per step, plumbing's decoding loop, dynamic cache
-  generate      plumbing.generate alone, each KV cache kind (dynamic, static, compiled): tokens/s
+  generate      plumbing.generate alone: transformers' generate, then the hand-written loop with each KV cache kind
   gi_ppo_compiled  GI-PPO with --generate_cache compiled
 Every stage runs in its own try (a failure prints an "error" row and the rest go on), and a stage
 is skipped (a "skipped" row) once the --budget_s total time would be exceeded.
@@ -212,7 +212,7 @@ def training_row(stage, size, n_params, perf, peak_tflops, cuda):
 
 
 def measure_generate(model_dir, assets, cfg):
-    """The generate stage's own process: plumbing.generate with each KV cache kind on the same
+    """The generate stage's own process: plumbing.generate (HF, then the loop with each KV cache kind) on the same
     prompts (sampling at T = 1, exactly new_tokens each); one JSON line per kind."""
     import torch
 
@@ -222,7 +222,7 @@ def measure_generate(model_dir, assets, cfg):
     tokenizer = plumbing.load_tokenizer(model_dir)
     model = plumbing.shard(plumbing.load_model(model_dir, tokenizer), d, bf16=d.device.type == "cuda").eval()
     prompts = [x["prompt"] for x in data.load_prompts(os.path.join(assets, HH), "test")][:cfg["rollout"]]
-    for kind in CACHE_KINDS:
+    for impl, kind in [("hf", "dynamic")] + [("loop", k) for k in CACHE_KINDS]:
         try:
             times = []
             for call in range(cfg["generate_calls"]):
@@ -230,16 +230,16 @@ def measure_generate(model_dir, assets, cfg):
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
                 out = plumbing.generate(model, tokenizer, prompts, max_new_tokens=cfg["new_tokens"], min_new_tokens=cfg["new_tokens"],
-                                        temperature=1.0, max_prompt_len=cfg["max_len"] - cfg["new_tokens"], seed=call, cache=kind)
+                                        temperature=1.0, max_prompt_len=cfg["max_len"] - cfg["new_tokens"], seed=call, cache=kind, impl=impl)
                 times.append(time.perf_counter() - t0)
             n_new = int((out[2] != tokenizer.pad_token_id).sum())
             t = statistics.median(times[1:])
-            row = {"cache": kind, "tokens_per_s": round(n_new / t, 1), "call_s": round(t, 4), "first_call_s": round(times[0], 2),
+            row = {"impl": impl, "cache": kind, "tokens_per_s": round(n_new / t, 1), "call_s": round(t, 4), "first_call_s": round(times[0], 2),
                    "batch": len(prompts), "new_tokens": cfg["new_tokens"]}
             if d.device.type == "cuda":
                 row["gpu_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
         except Exception as e:  # noqa: BLE001 - one kind failing must not hide the others
-            row = {"cache": kind, "error": f"{type(e).__name__}: {str(e)[-400:]}"}
+            row = {"impl": impl, "cache": kind, "error": f"{type(e).__name__}: {str(e)[-400:]}"}
         print(json.dumps(row), flush=True)
 
 

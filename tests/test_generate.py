@@ -15,9 +15,15 @@ def tok_model_prompts():
     demos = data.load_demos("toy", "train[:200]")
     tok = plumbing.train_tiny_tokenizer([x["prompt"] + x["response"] for x in demos])
     model = plumbing.build_tiny_model(tok, seed=0, tie_word_embeddings=False).eval()
+    prompts = [x["prompt"] for x in demos[:8]]  # of different lengths: left padding
+    # EOS takes the place of the token that the greedy rows first emit at the most different steps,
+    # so that rows end early and at different steps (a random model rarely emits EOS by itself)
+    greedy = plumbing.generate(model, tok, prompts, max_new_tokens=12, max_prompt_len=60, impl="hf")[2].tolist()
+    first_steps = {x: {row.index(x) for row in greedy if x in row} for x in set(sum(greedy, []))}
+    stand_in = max(first_steps, key=lambda x: len(first_steps[x]))
     with torch.no_grad():
-        model.lm_head.weight[tok.eos_token_id] *= 8  # EOS often the most likely token: rows end early, at different steps
-    return tok, model, [x["prompt"] for x in demos[:8]]  # of different lengths: left padding
+        model.lm_head.weight[tok.eos_token_id] = 1.05 * model.lm_head.weight[stand_in]
+    return tok, model, prompts
 
 
 def both(tok, model, prompts, **kw):
