@@ -218,7 +218,7 @@ def measure_generate(model_dir, assets, cfg):
 
     import data
     import plumbing
-    d = plumbing.Dist()
+    d = plumbing.init_distributed()  # the GPU when there is one (a bare Dist() is the CPU)
     tokenizer = plumbing.load_tokenizer(model_dir)
     model = plumbing.shard(plumbing.load_model(model_dir, tokenizer), d, bf16=d.device.type == "cuda").eval()
     prompts = [x["prompt"] for x in data.load_prompts(os.path.join(assets, HH), "test")][:cfg["rollout"]]
