@@ -52,7 +52,8 @@ class RewardModel(torch.nn.Module):
         self.hf = hf
 
     def forward(self, ids, mask, return_hidden=False):
-        hidden = self.hf.base_model(input_ids=ids, attention_mask=mask, position_ids=plumbing.position_ids(mask)).last_hidden_state
+        hidden = self.hf.base_model(input_ids=ids, attention_mask=mask, position_ids=plumbing.position_ids(mask),
+                                    use_cache=False).last_hidden_state  # no KV cache: one pass, nothing to reuse
         values = self.hf.score(hidden).squeeze(-1).float()  # [B, T]
         return (values, hidden) if return_hidden else values
 
