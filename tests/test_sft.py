@@ -47,9 +47,9 @@ def test_prompt_tokens_carry_no_loss(tiny_tokenizer):
     model.register_forward_hook(keep_logits)
     got, n_tokens = sft.response_nll(model, ids, mask, lm)
     logits = seen[0]
-    # only the positions from the one before the batch's first response token on get logits (logits_to_keep)
+    # logits only at the positions predicting the batch's first response token and later ones (logits_to_keep)
     first = min(len(p) for p, _ in examples)
-    assert logits.shape[1] == ids.shape[1] - first + 1
+    assert logits.shape[1] == ids.shape[1] - first
     # the same sum computed another way: a full forward, log-softmax, gather, positions listed by hand
     logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.detach().float(), -1)
     expected = -sum(logp[i, t - 1, ids[i, t]] for i, (p, r) in enumerate(examples) for t in range(len(p), len(p) + len(r)))
