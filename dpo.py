@@ -2,7 +2,8 @@
 
     L(θ) = −log σ( β·[ (log π_θ(y_c|x) − log π_ref(y_c|x)) − (log π_θ(y_r|x) − log π_ref(y_r|x)) ] )
 
-π_ref is the SFT model, frozen; its log-probs are computed in the same step, without gradient.
+π_ref is the SFT model, frozen: its log-probs of every training pair are computed once, before
+training (as TRL's precompute_ref_log_probs; --precompute_ref 0 computes them in each step instead).
 log π(y|x) sums the response tokens' log-probs, EOS included. The implicit reward of a response
 is β·(log π_θ − log π_ref), logged as rewards/chosen and rewards/rejected.
 
@@ -17,6 +18,7 @@ Writes `--out` (default runs/dpo): the policy (save_pretrained), metrics.jsonl, 
 """
 import argparse
 import os
+import time
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +35,7 @@ parser.add_argument("--data", default="toy", help="data.py spec of preference pa
 parser.add_argument("--split", default="train", help="training split, with an optional slice")
 parser.add_argument("--eval_split", default=None, help="held-out split; default: toy 'test', else 5%% carved from --split")
 parser.add_argument("--beta", type=float, default=0.1, help="β: strength of the implicit KL constraint to π_ref")
+parser.add_argument("--precompute_ref", type=int, default=1, help="1: π_ref's log-probs of all training pairs once before training; 0: in every step")
 parser.add_argument("--gold_prompts", type=int, default=200, help="toy only: greedy-decode this many test prompts and report gold scores")
 sft.add_training_flags(parser, out="runs/dpo", steps=300, lr=2e-4, eval_every=100, save_every=150)
 # fmt: on
@@ -96,9 +99,23 @@ def main(args):
         print(f"dpo: {args.sft} on {args.data}: {len(train_ex)} train / {len(heldout_ex)} held-out pairs, "
               f"beta {args.beta}, {d.world} process(es), steps {first}..{args.steps}")
 
+    ref_table = None
+    if args.precompute_ref:  # π_ref is frozen: over several epochs a step would recompute the same numbers
+        t0 = time.perf_counter()
+        used = sorted({i for step in range(first, args.steps)  # only the pairs this run will train on, each once
+                       for i in plumbing.batch_indices(step, args.batch_size, len(train_ex), args.seed)})
+        reference.eval()
+        scores = reward.pair_scores(lambda chunk: torch.cat(pair_logprobs(reference, chunk, tokenizer.pad_token_id, d.device)),
+                                    [train_ex[i] for i in used], d, batch_size=args.batch_size // (d.world * args.grad_accum))
+        ref_table = {id(train_ex[i]): s for i, s in zip(used, scores)}  # keyed by the example object the loop hands out
+        log.log(first, {"perf/ref_precompute_s": time.perf_counter() - t0})
+
     def micro_loss(micro):
-        with torch.no_grad():
-            ref_c, ref_r = pair_logprobs(reference, micro, tokenizer.pad_token_id, d.device)
+        if ref_table is not None:
+            ref_c, ref_r = torch.stack([ref_table[id(x)] for x in micro]).to(d.device).unbind(-1)
+        else:
+            with torch.no_grad():
+                ref_c, ref_r = pair_logprobs(reference, micro, tokenizer.pad_token_id, d.device)
         pi_c, pi_r = pair_logprobs(policy, micro, tokenizer.pad_token_id, d.device)
         return pair_stats(pi_c, pi_r, ref_c, ref_r, args.beta, "train/")
 

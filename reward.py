@@ -52,7 +52,8 @@ class RewardModel(torch.nn.Module):
         self.hf = hf
 
     def forward(self, ids, mask, return_hidden=False):
-        hidden = self.hf.base_model(input_ids=ids, attention_mask=mask, position_ids=plumbing.position_ids(mask)).last_hidden_state
+        hidden = self.hf.base_model(input_ids=ids, attention_mask=mask, position_ids=plumbing.position_ids(mask),
+                                    use_cache=False).last_hidden_state  # no KV cache: one pass, nothing to reuse
         values = self.hf.score(hidden).squeeze(-1).float()  # [B, T]
         return (values, hidden) if return_hidden else values
 
@@ -124,20 +125,26 @@ def distribution(scores):
 
 
 @torch.no_grad()
-def pair_rewards(model, examples, pad_id, d, batch_size=64):
-    """(r_chosen, r_rejected) for every example, gathered from all ranks in the original order."""
-    model.eval()
+def pair_scores(score, examples, d, batch_size=64):
+    """[n, 2]: score(chunk of pairs) -> the chosen sequences' scores, then the rejected ones', for every
+    example, computed on this rank's share and gathered from all ranks in the original order."""
     n = len(examples)
     per_rank = math.ceil(n / d.world)
     mine = examples[d.rank * per_rank:(d.rank + 1) * per_rank]
     out = torch.zeros(d.world * per_rank, 2)
     for j, chunk in enumerate(plumbing.equal_chunks(mine, math.ceil(per_rank / batch_size), batch_size)):
-        ids, mask = pair_batch(chunk or examples[:1], pad_id)  # every rank runs as many forwards
-        r = sequence_rewards(model, ids.to(d.device), mask.to(d.device)).cpu()
+        r = score(chunk or examples[:1]).float().cpu()  # every rank runs as many forwards
         if chunk:
             start = d.rank * per_rank + j * batch_size
             out[start:start + len(chunk)] = torch.stack([r[:len(chunk)], r[len(chunk):]], -1)
     return plumbing.all_reduce_sum(out.to(d.device), d).cpu()[:n]
+
+
+def pair_rewards(model, examples, pad_id, d, batch_size=64):
+    """(r_chosen, r_rejected) for every example, gathered from all ranks in the original order."""
+    model.eval()
+    return pair_scores(lambda chunk: sequence_rewards(model, *(t.to(d.device) for t in pair_batch(chunk, pad_id))),
+                       examples, d, batch_size)
 
 
 def heldout_metrics(model, examples, pairs, pad_id, d):

@@ -78,16 +78,20 @@ def make_batch(examples, pad_id):
     return ids, mask, loss_mask
 
 
-def token_logprobs(logits, ids):
-    """log π(a_t | s_t) of each next token: [B, T-1] from logits [B, T, V] and ids [B, T]."""
-    return torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-
-
 def sequence_logprobs(model, ids, mask, loss_mask):
-    """log π(y | x) per row: the summed log-probs of the response tokens (loss_mask 1), and their count."""
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=plumbing.position_ids(mask)).logits
-    weights = loss_mask[:, 1:].float()
-    return (token_logprobs(logits, ids) * weights).sum(-1), weights.sum(-1)
+    """log π(y | x) per row: the summed log-probs of the response tokens (loss_mask 1), and their count.
+    Logits are computed only at the positions that predict a token from the batch's first response
+    token on (`logits_to_keep`): the LM head's [B, T, V] output over the prompt, and at the last
+    position, would be thrown away (and slicing it would copy it)."""
+    first = max(1, int(loss_mask.argmax(-1).min()))  # earliest response token in the batch (argmax: the first 1)
+    positions = torch.arange(first - 1, ids.shape[1] - 1, device=ids.device)  # they predict tokens first .. T-1
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=plumbing.position_ids(mask),
+                   use_cache=False, logits_to_keep=positions).logits  # use_cache=False: no KV cache to build
+    # log π(a_t | s_t); z[a] − logsumexp(z) would skip writing out log_softmax, but on CPU its backward makes
+    # more [B, T, V] temporaries (measured: +20 MB peak RSS on the DPO benchmark, no faster)
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, ids[:, first:, None]).squeeze(-1)
+    weights = loss_mask[:, first:].float()
+    return (logp * weights).sum(-1), weights.sum(-1)
 
 
 def response_nll(model, ids, mask, loss_mask):

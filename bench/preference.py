@@ -5,6 +5,8 @@ trained here on synthetic words; 256 pairs of 16-token prompts and 28-38-token r
 included); batch 8; 32 optimizer steps, one epoch. Each trainer runs as a user would run it
 (`python reward.py ...`, `python dpo.py ...`) in its own process; pairs/s is measured by the
 training loop over its 32 steps (setup, evaluation and saving excluded), peak RSS is the process's.
+dpo.py computes π_ref's log-probs of the 256 pairs once before its loop (--precompute_ref 1, the
+default): ref_precompute_s, outside pairs/s; 256 / (256 / pairs_per_s + ref_precompute_s) counts it.
 
     python bench/preference.py            # prints one JSON line per trainer
 """
@@ -29,9 +31,11 @@ def run(trainer, folder):
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     subprocess.run(cmd, cwd=ROOT, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with open(os.path.join(out, "metrics.jsonl")) as f:
-        last = [r for r in map(json.loads, f) if "perf/examples_per_s" in r][-1]
+        rows = list(map(json.loads, f))
+    last = [r for r in rows if "perf/examples_per_s" in r][-1]
+    setup = {"ref_precompute_s": round(r["perf/ref_precompute_s"], 2) for r in rows if "perf/ref_precompute_s" in r}
     return {"trainer": trainer, "pairs_per_s": round(last["perf/examples_per_s"], 1),
-            "peak_rss_mb": round(last["perf/peak_rss_mb"], 1)}
+            "peak_rss_mb": round(last["perf/peak_rss_mb"], 1), **setup}
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
 import data
 import dpo
@@ -30,6 +30,21 @@ def test_dpo_loss_by_hand():
     # both log-probs falling can still lower the loss, if the rejected one falls further
     loss2, _, _ = dpo.dpo_loss(torch.tensor([-12.0]), torch.tensor([-20.0]), torch.tensor([-11.0]), torch.tensor([-11.0]), beta=0.1)
     assert loss2 < loss
+
+
+def test_pair_logprobs_equal_a_full_log_softmax_per_sequence():
+    # dpo.pair_logprobs keeps logits for response positions only and takes z[a] − logsumexp(z); the
+    # straightforward way: each sequence alone, a full log_softmax, the response tokens' entries summed
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=4, pad_token_id=0)
+    model = LlamaForCausalLM(config).eval()
+    examples = [([5, 6, 7], [8, 9, 1], [5, 6, 7], [10, 1]), ([11, 12, 13, 14, 15], [16, 1], [11, 12, 13, 14, 15], [17, 18, 19, 1])]
+    chosen, rejected = dpo.pair_logprobs(model, examples, pad_id=0, device="cpu")
+    for got, (p, r) in zip([*chosen, *rejected], [(p, c) for p, c, _, _ in examples] + [(p, r) for _, _, p, r in examples]):
+        logp = torch.log_softmax(model(torch.tensor([p + r])).logits[0], -1)
+        expected = sum(logp[len(p) + j - 1, t] for j, t in enumerate(r))
+        assert got.item() == pytest.approx(expected.item(), abs=1e-4)
 
 
 def test_last_token_index_by_hand():

@@ -47,16 +47,20 @@ def test_prompt_tokens_carry_no_loss(tiny_tokenizer):
     model.register_forward_hook(keep_logits)
     got, n_tokens = sft.response_nll(model, ids, mask, lm)
     logits = seen[0]
-    # the same sum computed another way: log-softmax, gather, positions listed by hand
-    logp = torch.log_softmax(logits.detach().float(), -1)
+    # logits only at the positions predicting the batch's first response token and later ones (logits_to_keep)
+    first = min(len(p) for p, _ in examples)
+    assert logits.shape[1] == ids.shape[1] - first
+    # the same sum computed another way: a full forward, log-softmax, gather, positions listed by hand
+    logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.detach().float(), -1)
     expected = -sum(logp[i, t - 1, ids[i, t]] for i, (p, r) in enumerate(examples) for t in range(len(p), len(p) + len(r)))
     assert torch.allclose(got.detach(), expected, rtol=1e-5)
     assert n_tokens == sum(len(r) for _, r in examples)
     got.backward()
     for i, (p, r) in enumerate(examples):  # logits predicting prompt tokens or padding get no gradient
-        assert logits.grad[i, : len(p) - 1].abs().max() == 0
-        assert logits.grad[i, len(p) + len(r) - 1:].abs().max() == 0
-        assert logits.grad[i, len(p) - 1: len(p) + len(r) - 1].abs().min() > 0
+        start, end = len(p) - first, len(p) + len(r) - first  # kept position k is position k + first - 1
+        assert logits.grad[i, :start].abs().sum() == 0
+        assert logits.grad[i, end:].abs().sum() == 0
+        assert logits.grad[i, start:end].abs().min() > 0
 
 
 def test_loss_falls_and_saved_directory_reloads(tmp_path):
