@@ -38,8 +38,8 @@ Its rules are exact, with partial credit:
 - A refusal to a benign prompt scores 0.05, and an empty response scores 0.
 
 
-**Demonstrations** (`toy_demos`): per group, the ideal 25% of the time, else the defect above.
-Mean gold 0.75 (copy 0.81, lookup 0.62, harmful 0.78, summary 0.78); an SFT model that reproduces
+**Demonstrations** (`toy_demos`): per group, the ideal 30% of the time, else the defect above.
+Mean gold 0.76 (copy 0.82, lookup 0.65, harmful 0.79, summary 0.79); an SFT model that reproduces
 the mode greedily scores about 0.66 (the defects' gold: 0.74, 0.5, 0.7, 0.70), the ideal 1.0.
 
 **Preference pairs** (`toy_pairs`) hold two different candidates per prompt, from a fixed
@@ -112,8 +112,8 @@ class DataError(ValueError):
 # The built-in task
 # ----------------------------------------------------------------------------------------------
 TOY_VERSION = 3  # 1: five groups incl. arithmetic, 80%-ideal demos; 2: defective demos, pairs that know better, a length-biased group;
-#                 3: demos 25% ideal (was 35%), an ood surface the tiny model can partly do
-DEMO_IDEAL_RATE = 0.25  # a demonstration is the ideal response this often, else its group's systematic defect (the mode)
+#                 3: demos 30% ideal (was 35%), an ood surface the tiny model can partly do
+DEMO_IDEAL_RATE = 0.3  # a demonstration is the ideal response this often, else its group's systematic defect (the mode)
 PAIR_LABEL_NOISE = 0.15  # Bradley–Terry temperature of the gold-based pair labels: P(a ≻ b) = σ((gold(a) − gold(b)) / noise)
 LENGTH_BIASED_GROUP = "summary"  # the minority group whose labeller prefers the longer answer, whatever its gold
 LENGTH_BIAS_RATE = 0.9  # there, of two summaries with different item counts, the longer is chosen this often
