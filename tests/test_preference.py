@@ -97,14 +97,14 @@ def test_reward_model_learns_the_builtin_task(toy_sft_dir, tmp_path):
 
 def test_dpo_raises_the_margin_on_the_builtin_task(toy_sft_dir, tmp_path):
     out = str(tmp_path / "dpo")
-    dpo.main(dpo.parser.parse_args(["--sft", toy_sft_dir, "--out", out, "--steps", "40", "--batch_size", "32",
-                                    "--eval_every", "20", "--save_every", "0", "--gold_prompts", "0", "--log_every", "1"]))
+    dpo.main(dpo.parser.parse_args(["--sft", toy_sft_dir, "--out", out, "--steps", "30", "--batch_size", "32",
+                                    "--eval_every", "30", "--save_every", "0", "--gold_prompts", "0", "--log_every", "1"]))
     log = read_metrics(os.path.join(out, "metrics.jsonl"))
     first_train = next(r for r in log if "train/rewards/margin" in r)
     assert first_train["train/rewards/margin"] == pytest.approx(0.0, abs=1e-4)  # policy == reference at step 0
     evals = [r["eval/rewards/margin"] for r in log if "eval/rewards/margin" in r]
-    print(f"DPO held-out margin: {evals}")
-    assert evals[0] > 0.05 and evals[-1] > evals[0] and log[-1]["eval/rewards/accuracy"] > 0.6
+    print(f"DPO held-out margin: {evals}")  # 0 before training (policy == reference)
+    assert evals[-1] > 0.05 and log[-1]["eval/rewards/accuracy"] > 0.6
 
 
 @needs_shared
