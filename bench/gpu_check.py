@@ -6,7 +6,7 @@ would (`python sft.py ...`, `reward.py`, `ppo_gi.py`, each in its own process) f
 on HH-RLHF text at max_len 512. Each stage's numbers are read from its own metrics.jsonl (the
 medians over the steps after the warm-up ones). It prints one JSON line per stage and size:
 
-    {"stage", "size", "params_m", "tokens_per_s", "mfu", "gpu_mem_gb", "step_s", ...}
+    {"stage", "size", "params_m", "tokens_per_s", "mfu", "gpu_mem_gb", "step_s", ..., "wall_s"}
 
 tokens_per_s counts real (non-pad) tokens: SFT and RM, those of the training batches; GI-PPO, the
 prompt + response tokens of the rollout per whole step (generation, scoring, update), with the
@@ -16,7 +16,8 @@ token). gpu_mem_gb is the stage's peak allocated GPU memory. Stages:
   sft           SFT on packed HH-RLHF text: several transcripts per example, cut to exactly max_len
   sft_compiled  the same with --compile 1 (torch.compile of each decoder block)
   rm            reward model on HH-RLHF pairs as they are (each batch padded to its longest)
-  gi_ppo        GI-PPO: 64 prompts x 128 sampled new tokens per step, plumbing's decoding loop, dynamic cache
+  gi_ppo        GI-PPO: 64 prompts x 128 sampled new tokens per step, plumbing's decoding loop, dynamic cache,
+                without the groups/grad_cos diagnostic (--grad_cos 0: its extra backward is off, as in pipeline.sh)
   generate      plumbing.generate alone: transformers' generate, then the hand-written loop with each KV cache kind
   gi_ppo_compiled  GI-PPO with --generate_cache compiled
 Every stage runs in its own try (a failure prints an "error" row and the rest go on), and a stage
@@ -68,7 +69,7 @@ TINY_SIZES = {
     "1b": dict(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2),
 }
 # per size: (SFT batch, grad_accum, steps), (RM batch of pairs, grad_accum, steps), (PPO minibatch, iterations)
-WORKLOAD = {"135m": dict(sft=(64, 2, 12), rm=(32, 2, 10), ppo=(16, 5)), "1b": dict(sft=(16, 2, 8), rm=(16, 4, 6), ppo=(8, 4))}
+WORKLOAD = {"135m": dict(sft=(64, 1, 12), rm=(32, 2, 10), ppo=(32, 5)), "1b": dict(sft=(16, 2, 8), rm=(16, 4, 6), ppo=(8, 4))}
 TINY_WORKLOAD = {"135m": dict(sft=(8, 2, 4), rm=(8, 2, 4), ppo=(4, 3)), "1b": dict(sft=(8, 2, 4), rm=(8, 2, 4), ppo=(4, 3))}
 FULL = dict(max_len=512, rollout=64, new_tokens=128, warmup=2, generate_calls=3)
 TINY = dict(max_len=64, rollout=8, new_tokens=8, warmup=1, generate_calls=2)
@@ -170,7 +171,7 @@ def stage_command(stage, size, work, assets, cfg, load):
     return ["ppo_gi.py", "--sft", os.path.join(work, size, "sft"), "--reward", os.path.join(work, size, "rm"),
             "--data", hh, "--split", "test", "--out", out, "--steps", str(iterations), "--rollout_batch", str(cfg["rollout"]),
             "--minibatch", str(minibatch), "--max_new_tokens", str(cfg["new_tokens"]), "--max_prompt_len", str(cfg["max_len"] - cfg["new_tokens"]),
-            "--save_every", "0", "--eval_prompts", "0", "--log_every", "1",
+            "--save_every", "0", "--eval_prompts", "0", "--log_every", "1", "--grad_cos", "0",
             "--generate_cache", "compiled" if stage == "gi_ppo_compiled" else "dynamic"], out
 
 
@@ -253,12 +254,12 @@ def scratch_folder(requested):
 
 def plan(args):
     """(size, stage) in the order they run: the pipeline per size, then the 135m extras (generate
-    per KV cache kind, compiled stages), which a short --budget_s skips first."""
+    per KV cache kind, compiled stages) in the order --stages names them; a short --budget_s skips the last first."""
     order = []
     for size in args.sizes:
         order += [(size, s) for s in ("sft", "rm", "gi_ppo") if s in args.stages]
     if "135m" in args.sizes:
-        order += [("135m", s) for s in ("generate", "sft_compiled", "gi_ppo_compiled") if s in args.stages]
+        order += [("135m", s) for s in args.stages if s in ("generate", "sft_compiled", "gi_ppo_compiled")]
     return order
 
 
@@ -294,7 +295,8 @@ def main(args):
     params, done = {}, set()
     try:
         for size, stage in plan(args):
-            left = args.budget_s - (time.time() - t_start)
+            t_stage = time.time()
+            left = args.budget_s - (t_stage - t_start)
             row = {"stage": stage, "size": size}
             needs = {"rm": "sft", "gi_ppo": "rm", "gi_ppo_compiled": "rm"}.get(stage)
             if needs and (size, needs) not in done:
@@ -311,7 +313,8 @@ def main(args):
                                    "--assets", assets] + (["--tiny"] if args.tiny else []), left, args.log)
                         for line in out.splitlines():
                             if line.startswith("{"):
-                                print(json.dumps({"stage": "generate", "size": size, "params_m": row["params_m"], **json.loads(line)}), flush=True)
+                                print(json.dumps({"stage": "generate", "size": size, "params_m": row["params_m"], **json.loads(line),
+                                                  "wall_s": round(time.time() - t_stage, 1)}), flush=True)
                         done.add((size, stage))
                         continue
                     cmd, out_dir = stage_command(stage, size, work, assets, cfg, load[size])
@@ -330,6 +333,8 @@ def main(args):
                     if args.log:
                         with open(args.log, "a") as f:
                             f.write(traceback.format_exc())
+            if "skipped" not in row:
+                row["wall_s"] = round(time.time() - t_stage, 1)  # the stage's process, start to end (model build included)
             print(json.dumps(row), flush=True)
             if size != "135m" and stage == "gi_ppo":  # the big size's files are done with
                 shutil.rmtree(os.path.join(work, size), ignore_errors=True)

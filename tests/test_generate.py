@@ -91,5 +91,13 @@ def test_static_cache_gives_the_dynamic_caches_tokens(tok_model_prompts):
     assert out["static"][0].shape[1] == 60 > out["dynamic"][0].shape[1]  # the static cache pads to max_prompt_len
     assert torch.equal(out["static"][2], out["dynamic"][2])
     assert torch.allclose(out["static"][4], out["dynamic"][4], atol=1e-5)
+    # a second call of the same shape reuses the cache (the same tensors, for a compiled decode
+    # step's CUDA graph), reset: other prompts get the dynamic cache's tokens, not stale keys
+    others = [p + " and then" for p in reversed(prompts)]
+    again = {kind: plumbing.generate(model, tok, others, max_new_tokens=12, max_prompt_len=60, cache=kind)[2] for kind in ("static", "dynamic")}
+    assert torch.equal(again["static"], again["dynamic"])
+    with torch.inference_mode():  # as generate() calls it
+        kv = plumbing.static_cache(model, len(prompts), 72)
+        assert plumbing.static_cache(model, len(prompts), 72) is kv and plumbing.static_cache(model, 1, 72) is not kv
     with pytest.raises(ValueError, match="impl 'vllm'"):
         plumbing.generate(model, tok, prompts, impl="vllm")
