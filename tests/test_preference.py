@@ -154,10 +154,10 @@ def _assert_same(a, b, key, tol=1e-5, weight_tol=3e-5):
 def test_torchrun_two_processes_equal_one_and_resume(toy_sft_dir, tmp_path, stage):
     extra = ["--gold_prompts", "0"] if stage == "dpo" else ["--stats_pairs", "64"]
     base = [f"{stage}.py", "--sft", toy_sft_dir, "--split", "train[:256]", "--eval_split", "test[:32]", "--steps", "6", *SHORT, *extra]
-    one, two, part = (str(tmp_path / n) for n in ("one", "two", "part"))
+    # 1 process for 3 of 6 steps, resumed under 2 processes = 1 process throughout (the exact
+    # resume of the loop these trainers share with SFT: tests/test_sft.py)
+    one, part = str(tmp_path / "one"), str(tmp_path / "part")
     run_script(base + ["--out", one, "--save_every", "0"])
-    run_script(base + ["--out", two, "--save_every", "0"], nproc=2)
-    _assert_same(one, two, "train/loss")
     run_script(base + ["--out", part, "--save_every", "3", "--stop_at", "3"])
-    run_script(base + ["--out", part, "--save_every", "3", "--resume"])
-    _assert_same(one, part, "train/loss", tol=1e-6, weight_tol=1e-6)
+    run_script(base + ["--out", part, "--save_every", "3", "--resume"], nproc=2)
+    _assert_same(one, part, "train/loss")
