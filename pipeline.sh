@@ -39,8 +39,9 @@ RM_STEPS="${RM_STEPS:-150}"          # reward-model steps
 DPO_STEPS="${DPO_STEPS:-100}"        # DPO steps
 PPO_STEPS="${PPO_STEPS:-40}"         # PPO iterations of each variant
 PPO_BATCH="${PPO_BATCH:-64}"         # rollouts per PPO iteration, updated as one minibatch
+PPO_LR="${PPO_LR:-6e-5}"             # policy learning rate of every PPO run (RESULTS.md: the step size on task v3)
 EVAL_PROMPTS="${EVAL_PROMPTS:-200}"  # prompts per evaluation split (test, ood)
-ETA="${ETA:-0.2}"                    # η, the KL penalty coefficient of GI-PPO and its ablations
+ETA="${ETA:-0.5}"                    # η, the KL penalty coefficient of GI-PPO and its ablations
 ETA_PPO_KL="${ETA_PPO_KL:-0.5}"      # η of PPO w/ KL (and of the shuffled control)
 BETA_POLICY="${BETA_POLICY:-0.1}"    # β_policy, the weight of R_var in GI-PPO's policy loss
 PY="${PYTHON:-python}"
@@ -81,10 +82,10 @@ if [ "$SWEEP" = 1 ]; then
     --reward "$OUT/reward" --steps "$PPO_STEPS" --seed "$SEED" --out "$OUT/sweep/sft_lr0" --save_every 0 --eval_prompts 0 --no_gi --lr 0
   for eta in ${SWEEP_ETAS:-0.05 0.2 0.5}; do
     stage "sweep ppo_kl η=$eta" "$OUT/sweep/ppo_kl_eta$eta/config.json" "$PY" ppo_gi.py --sft "$OUT/sft" --reward "$OUT/reward" \
-      --steps "$PPO_STEPS" --seed "$SEED" --out "$OUT/sweep/ppo_kl_eta$eta" --save_every 0 --eval_prompts 0 --no_gi --kl_coef "$eta"
+      --steps "$PPO_STEPS" --lr "$PPO_LR" --seed "$SEED" --out "$OUT/sweep/ppo_kl_eta$eta" --save_every 0 --eval_prompts 0 --no_gi --kl_coef "$eta"
     for beta in ${SWEEP_BETAS:-0.1 0.3 1}; do
       stage "sweep gi_ppo β_policy=$beta η=$eta" "$OUT/sweep/gi_beta${beta}_eta$eta/config.json" "$PY" ppo_gi.py --sft "$OUT/sft" \
-        --reward "$OUT/reward" --steps "$PPO_STEPS" --seed "$SEED" --out "$OUT/sweep/gi_beta${beta}_eta$eta" --save_every 0 \
+        --reward "$OUT/reward" --steps "$PPO_STEPS" --lr "$PPO_LR" --seed "$SEED" --out "$OUT/sweep/gi_beta${beta}_eta$eta" --save_every 0 \
         --eval_prompts 0 --beta_policy "$beta" --kl_coef "$eta"
     done
   done
@@ -95,7 +96,7 @@ fi
 stage dpo "$OUT/dpo/config.json" "$PY" dpo.py --sft "$OUT/sft" --steps "$DPO_STEPS" --eval_every "$DPO_STEPS" --seed "$SEED" --out "$OUT/dpo" --save_every 0 --gold_prompts 0
 ppo() {  # ppo NAME FLAGS...: one ppo_gi.py variant from the same SFT and reward model
   local name="$1"; shift
-  stage "$name" "$OUT/$name/config.json" "$PY" ppo_gi.py --sft "$OUT/sft" --reward "$OUT/reward" --steps "$PPO_STEPS" \
+  stage "$name" "$OUT/$name/config.json" "$PY" ppo_gi.py --sft "$OUT/sft" --reward "$OUT/reward" --steps "$PPO_STEPS" --lr "$PPO_LR" \
     --rollout_batch "$PPO_BATCH" --minibatch "$PPO_BATCH" --seed "$SEED" --out "$OUT/$name" --save_every 0 --eval_prompts 0 --grad_cos 0 "$@"
 }
 ppo ppo --no_gi --kl_coef 0

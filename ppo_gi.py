@@ -60,7 +60,7 @@ parser.add_argument("--max_new_tokens", type=int, default=24, help="response len
 parser.add_argument("--min_new_tokens", type=int, default=0, help="suppress EOS before this many tokens (benchmarks)")
 parser.add_argument("--max_prompt_len", type=int, default=128, help="prompts are cut from the left to this many tokens")
 parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; log-probs are taken at the same T")
-parser.add_argument("--lr", type=float, default=2e-5, help="policy learning rate, small enough that a no-signal run (--shuffle_rewards) leaves the policy where it was (5e-7 at 7B)")
+parser.add_argument("--lr", type=float, default=2e-5, help="policy learning rate, small enough that a no-signal run (--shuffle_rewards) leaves the policy where it was (pipeline.sh: 6e-5 on the built-in task; 5e-7 at 7B)")
 parser.add_argument("--critic_lr", type=float, default=3e-4, help="critic + group head learning rate: the value head must track returns within a few iterations (1.5e-6 at 7B)")
 parser.add_argument("--kl_coef", type=float, default=0.05, help="η: KL penalty coefficient (0: PPO without KL)")
 parser.add_argument("--kl_estimator", choices=["k1", "k3"], default="k1", help="per-token KL estimate penalized and logged")
