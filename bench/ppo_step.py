@@ -2,8 +2,10 @@
 
 Workload: the random-init GPT-2 of bench/workload.py (2 layers, width 128, 4 heads, BPE vocabulary
 4,096) as policy, reference, critic and reward model; 16 prompts of 16 tokens per step; exactly 32
-sampled tokens each (EOS suppressed until then); one epoch of 4 minibatches. Each variant runs as
-a user would run it (`python ppo_gi.py ...`) for 2 warm-up + 8 timed steps; ppo_gi.py times its
+sampled tokens each (EOS suppressed until then); one epoch of 4 minibatches; the groups/grad_cos
+diagnostic off (--grad_cos 0: its extra backward is no part of the method; pipeline.sh runs
+without it). Each variant runs as a user would run it (`python ppo_gi.py ...`) for 2 warm-up + 8
+timed steps; ppo_gi.py times its
 own phases (perf/gen_s, perf/score_s, perf/train_s) and the medians over the timed steps are
 printed, with the process's peak RSS.
 
@@ -26,7 +28,7 @@ def run(variant, folder):
     cmd = [sys.executable, "ppo_gi.py", "--sft", os.path.join(folder, "model"), "--reward", os.path.join(folder, "model"),
            "--data", os.path.join(folder, "prompts.jsonl"), "--split", "all", "--out", out, "--steps", str(WARMUP + TIMED),
            "--rollout_batch", "16", "--minibatch", "4", "--ppo_epochs", "1", "--max_new_tokens", "32", "--min_new_tokens", "32",
-           "--save_every", "0", "--eval_prompts", "0"] + (["--no_gi"] if variant == "ppo" else [])
+           "--save_every", "0", "--eval_prompts", "0", "--grad_cos", "0"] + (["--no_gi"] if variant == "ppo" else [])
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     subprocess.run(cmd, cwd=ROOT, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with open(os.path.join(out, "metrics.jsonl")) as f:

@@ -172,7 +172,7 @@ def test_pipeline_end_to_end_with_a_tiny_budget(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "p" / "gi_ppo" / "metrics.jsonl").read_text().splitlines()]
     gold = [r["gold/mean"] for r in rows if "objective/kl" in r][-2:]
     gi_row = table.splitlines()[2].split(" | ")
-    assert len(table.splitlines()) == 4 and gi_row[1:3] == ["0.1", "0.2"] and float(gi_row[4]) == pytest.approx(sum(gold) / 2, abs=5e-4)
+    assert len(table.splitlines()) == 4 and gi_row[1:3] == ["0.1", "0.5"] and float(gi_row[4]) == pytest.approx(sum(gold) / 2, abs=5e-4)
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("skipped") == 11  # every stage's output exists
 
