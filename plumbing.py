@@ -239,7 +239,7 @@ def shard(model, d, bf16=False, compile_blocks=False):
     gradients; under FSDP the gathered parameters are bf16 too). compile_blocks: torch.compile each
     decoder block (one compiled graph, reused by every block of the same class). Not the whole
     model: its graph would also hold the LM head over the kept positions, whose number changes
-    from batch to batch (`logits_to_keep`), and recompile."""
+    from batch to batch (`logits_to_keep`): a new shape for the compiler each time."""
     blocks = decoder_blocks(model) if (d.sharded or compile_blocks) else []
     if d.sharded:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -373,14 +373,14 @@ def _static_cache_class():
     return StaticCacheOneDtype
 
 
-_STATIC_CACHE = {}  # the last static KV cache: {"model": weakref to the model, "shape": (B, length), "kv": cache}
+_STATIC_CACHE = {}  # the last static KV cache: {"model": weakref to the model, "key": (B, length, inference mode), "kv": cache}
 
 
 def static_cache(model, batch_size, max_cache_len):
     """The static KV cache of one generate() call of `model`: made on the first call of this model
-    and shape, then reset (zeroed) and reused, as transformers' generate keeps its own. Its tensors
-    keep their addresses, so a compiled decode step replays its CUDA graph instead of re-recording
-    it. Only the last one is kept: a new model or shape frees the old cache's memory."""
+    and key, then reset (zeroed) and reused. Its tensors keep their addresses, so a compiled decode
+    step replays its CUDA graph instead of re-recording it. Only the last one is kept, and only
+    while its model lives: a new model or shape, or the model's deletion, frees its memory."""
     hf = getattr(model, "hf", model)
     last, key = _STATIC_CACHE, (batch_size, max_cache_len, torch.is_inference_mode_enabled())  # inference tensors stay in inference mode
     if last and last["model"]() is hf and last["key"] == key:
@@ -388,7 +388,8 @@ def static_cache(model, batch_size, max_cache_len):
         return last["kv"]
     last.clear()
     kv = _static_cache_class()(config=hf.config.get_text_config(decoder=True), max_cache_len=max_cache_len)
-    last.update(model=weakref.ref(hf), key=key, kv=kv)
+    forget = lambda _ref: last.clear() if last.get("kv") is kv else None  # noqa: E731 - called when the model is deleted
+    last.update(model=weakref.ref(hf, forget), key=key, kv=kv)
     return kv
 
 

@@ -101,3 +101,16 @@ def test_static_cache_gives_the_dynamic_caches_tokens(tok_model_prompts):
         assert plumbing.static_cache(model, len(prompts), 72) is kv and plumbing.static_cache(model, 1, 72) is not kv
     with pytest.raises(ValueError, match="impl 'vllm'"):
         plumbing.generate(model, tok, prompts, impl="vllm")
+
+
+def test_static_cache_is_freed_with_its_model():
+    import gc
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, bos_token_id=0, eos_token_id=0))
+    with torch.inference_mode():
+        kv = plumbing.static_cache(model, 2, 8)
+    assert plumbing._STATIC_CACHE["kv"] is kv
+    del model, kv
+    gc.collect()
+    assert not plumbing._STATIC_CACHE  # the cache's memory goes with its model
