@@ -125,15 +125,15 @@ def distribution(scores):
 
 
 @torch.no_grad()
-def pair_scores(score, examples, d, batch_size=64):
-    """[n, 2]: score(chunk of pairs) -> the chosen sequences' scores, then the rejected ones', for every
+def pair_scores(score_chunk, examples, d, batch_size=64):
+    """[n, 2]: score_chunk(chunk of pairs) -> the chosen sequences' scores, then the rejected ones', for every
     example, computed on this rank's share and gathered from all ranks in the original order."""
     n = len(examples)
     per_rank = math.ceil(n / d.world)
     mine = examples[d.rank * per_rank:(d.rank + 1) * per_rank]
     out = torch.zeros(d.world * per_rank, 2)
     for j, chunk in enumerate(plumbing.equal_chunks(mine, math.ceil(per_rank / batch_size), batch_size)):
-        r = score(chunk or examples[:1]).float().cpu()  # every rank runs as many forwards
+        r = score_chunk(chunk or examples[:1]).float().cpu()  # every rank runs as many forwards
         if chunk:
             start = d.rank * per_rank + j * batch_size
             out[start:start + len(chunk)] = torch.stack([r[:len(chunk)], r[len(chunk):]], -1)
