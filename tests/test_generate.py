@@ -114,3 +114,18 @@ def test_static_cache_is_freed_with_its_model():
     del model, kv
     gc.collect()
     assert not plumbing._STATIC_CACHE  # the cache's memory goes with its model
+
+
+
+def test_the_exponential_draw_gives_exponential_s_numbers():
+    """plumbing.exponential computes exponential_'s q = −log1p(−u) from one vectorized uniform_ call:
+    bitwise the same float32 numbers for the same seed (so sampling keeps transformers' tokens)."""
+    like = torch.empty(16, 4096)
+    draws = []
+    for seed in range(20):
+        torch.manual_seed(seed)
+        want = torch.empty_like(like).exponential_(1)
+        torch.manual_seed(seed)
+        draws.append(plumbing.exponential(like))
+        assert draws[-1].dtype == torch.float32 and torch.equal(draws[-1], want)
+    assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], plumbing.exponential(like))
