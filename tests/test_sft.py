@@ -138,3 +138,24 @@ def test_real_model_smollm2_sft_steps_on_hh_rlhf(tmp_path):
     log = read_metrics(os.path.join(out, "metrics.jsonl"))
     losses = [r["train/loss"] for r in log if "train/loss" in r] + [log[-1]["eval/loss"]]
     assert len(losses) == 3 and all(math.isfinite(x) and 0 < x < 20 for x in losses)
+
+
+def test_gpt2_loads_with_the_fused_gelu_and_the_same_logits(tmp_path, tiny_tokenizer):
+    """plumbing.load_model swaps GPT-2's Python "gelu_new" for torch's fused tanh GELU: the same
+    function, so the logits equal those of transformers' own model (loaded as saved) to ~1e-6, and
+    the saved config names the activation the module computes."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.activations import NewGELUActivation
+    config = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=len(tiny_tokenizer), n_positions=64)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert any(isinstance(m, NewGELUActivation) for m in stock.modules())
+    ours = plumbing.load_model(str(tmp_path), tiny_tokenizer).eval()
+    assert not any(isinstance(m, NewGELUActivation) for m in ours.modules())
+    assert ours.config.activation_function == "gelu_pytorch_tanh"
+    ids = torch.randint(0, len(tiny_tokenizer), (3, 20))
+    with torch.no_grad():
+        want, got = stock(ids).logits, ours(ids).logits
+    assert not torch.equal(want, got)  # a different kernel computed it
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
