@@ -7,7 +7,9 @@ the dynamic KV cache. Both implementations run in this one process, interleaved 
 noisy machine slows both alike) for 2 warm-up + 10 timed calls each; one JSON line per
 implementation (median wall seconds per call, generated tokens/s, median CPU seconds of this
 process: on a shared machine the steadier number), then the ratios and whether the two gave the
-same tokens for the same seed on every call.
+same tokens for the same seed on every call; last, the per-token Exp(1) draw of sampling over a
+[batch, vocabulary] tensor: torch's exponential_ against plumbing.exponential (median ms of 200
+draws each, and whether a seed gives both the same numbers).
 
     python bench/generate.py                      # the CPU default thread count
     python bench/generate.py --cache static       # another KV cache kind (CUDA: compiled too)
@@ -70,6 +72,24 @@ def main(args):
                           "cpu_median_s": round(cpu, 4), "calls": len(times[impl])}))
     print(json.dumps({"speedup_loop_over_hf": round(med["hf"][0] / med["loop"][0], 2),
                       "cpu_speedup_loop_over_hf": round(med["hf"][1] / med["loop"][1], 2), "same_tokens": same}))
+    print(json.dumps(draw_timing(torch.empty(args.batch, len(tokenizer), device=device))))
+
+
+def draw_timing(like, n=200):
+    """Median ms of one Exp(1) draw shaped like `like`: exponential_ against plumbing.exponential."""
+    draws = {"exponential_": lambda: torch.empty_like(like).exponential_(1), "plumbing.exponential": lambda: plumbing.exponential(like)}
+    ms = {}
+    for name, draw in draws.items():
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            draw()
+            if like.is_cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        ms[name] = round(statistics.median(times) * 1e3, 3)
+    same = [(torch.manual_seed(7), draw())[1] for draw in draws.values()]
+    return {"draw_shape": list(like.shape), "draw_ms": ms, "draw_same_numbers": torch.equal(*same)}
 
 
 if __name__ == "__main__":

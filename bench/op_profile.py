@@ -1,0 +1,68 @@
+"""Where a trainer's time goes on the benchmark workload: torch.profiler's table of operators by
+self CPU time (a diagnostic, not a test).
+
+Runs reward.py, dpo.py (bench/preference.py's settings) or ppo_gi.py (bench/ppo_step.py's, GI-PPO)
+in this process on bench/workload.py's tiny GPT-2, profiles the training loop (reward, dpo: all 32
+steps; ppo: the 4th iteration's rollout and update, separately), and prints the top operators.
+
+    OMP_NUM_THREADS=1 python bench/op_profile.py reward      # or dpo, ppo; --rows N
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+import torch
+from torch.profiler import profile
+
+from workload import ROOT, build_workload
+
+sys.path.insert(0, ROOT)
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+parser.add_argument("trainer", choices=["reward", "dpo", "ppo"])
+parser.add_argument("--rows", type=int, default=15, help="operators to print")
+
+
+def profiled(fn, name, rows, call=1):
+    """fn, with its `call`-th call profiled; prints that call's table of operators."""
+    seen = [0]
+
+    def wrapper(*a, **kw):
+        seen[0] += 1
+        if seen[0] != call:
+            return fn(*a, **kw)
+        with profile() as prof:
+            out = fn(*a, **kw)
+        print(f"== {name}")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+        return out
+    return wrapper
+
+
+def main(args):
+    folder = tempfile.mkdtemp()
+    build_workload(folder)
+    model = os.path.join(folder, "model")
+    if args.trainer == "ppo":
+        with open(os.path.join(folder, "pairs.jsonl")) as f, open(os.path.join(folder, "prompts.jsonl"), "w") as g:
+            g.writelines(json.dumps({"prompt": json.loads(line)["prompt"]}) + "\n" for line in f)
+        with open(os.path.join(model, "reward_stats.json"), "w") as f:
+            json.dump({"mean": 0.0, "std": 1.0}, f)
+        import ppo_gi as stage
+        flags = ["--reward", model, "--data", os.path.join(folder, "prompts.jsonl"), "--steps", "4", "--rollout_batch", "16",
+                 "--minibatch", "4", "--ppo_epochs", "1", "--max_new_tokens", "32", "--min_new_tokens", "32",
+                 "--save_every", "0", "--eval_prompts", "0", "--grad_cos", "0"]
+        stage.rollout = profiled(stage.rollout, "rollout of iteration 4 (generation and scoring)", args.rows, call=4)
+        stage.ppo_update = profiled(stage.ppo_update, "PPO update of iteration 4", args.rows, call=4)
+    else:
+        stage = __import__(args.trainer)
+        flags = ["--data", os.path.join(folder, "pairs.jsonl"), "--eval_split", "all[:8]", "--steps", "32", "--batch_size", "8",
+                 "--warmup", "1", "--lr", "1e-4", "--max_len", "128", "--log_every", "32", "--eval_every", "1000", "--save_every", "0"]
+        flags += ["--stats_pairs", "8"] if args.trainer == "reward" else ["--gold_prompts", "0"]
+        stage.sft.supervised_loop = profiled(stage.sft.supervised_loop, f"{args.trainer} training loop, 32 steps", args.rows)
+    stage.main(stage.parser.parse_args(["--sft", model, "--split", "all", "--out", os.path.join(folder, "out"), *flags]))
+
+
+if __name__ == "__main__":
+    main(parser.parse_args())
