@@ -242,8 +242,9 @@ def fused_gelu(model):
         for name, child in module.named_children():
             if type(child) is NewGELUActivation:
                 setattr(module, name, ACT2FN["gelu_pytorch_tanh"])
-    if getattr(model.config, "activation_function", None) == "gelu_new":
-        model.config.activation_function = "gelu_pytorch_tanh"
+    for key in ("activation_function", "hidden_act"):  # GPT-2, GPT-J and GPT-Neo; Phi and others
+        if getattr(model.config, key, None) == "gelu_new":
+            setattr(model.config, key, "gelu_pytorch_tanh")
 
 
 def shard(model, d, bf16=False, compile_blocks=False):
@@ -498,15 +499,19 @@ def sample(probs):
 
 def exponential(like):
     """q ~ Exp(1), shaped and typed like `like`: the numbers `torch.empty_like(like).exponential_(1)`
-    returns. On CPU, exponential_ draws one number at a time, each through a scalar log1p; here the
-    same 64-bit uniforms u come from one uniform_ call on a float64 tensor (exponential_ draws its u
-    the same way) and q = −log(1 − u) = −log1p(−u) is computed vectorized: bitwise the same float32
-    numbers (tests/test_generate.py), 2.3× faster (bench/generate.py's last line: 0.64 against 1.45 ms
-    for 16 × 4,096, one thread). In float64 the vectorized log1p differs in the last bit, so float64
-    keeps exponential_; so does CUDA, whose exponential_ is one fast kernel already."""
+    returns. On CPU, exponential_ draws one float64 uniform u at a time and returns −log1p(−u)
+    computed by the C library's scalar log1p; here the same uniforms come from one uniform_ call on
+    a float64 tensor laid out like `like` (the same generator, the same order) and −log1p(−u) is
+    computed vectorized: 2.3× faster (bench/generate.py's last line: 0.64 against 1.45 ms for
+    16 × 4,096, one thread). The two log1p differ in the last float64 bit on some u; the float32
+    result differs only when that bit straddles a float32 rounding boundary (a chance of ~2^-29
+    for each such u: ~2 in 10^10 draws, estimated), and a sampled token only if that also changes
+    which token wins the race (so the same seed gives transformers' tokens: tests/test_generate.py).
+    float64 keeps exponential_, where the last bit would show; so does CUDA, whose exponential_ is
+    one fast kernel already."""
     if like.device.type != "cpu" or like.dtype != torch.float32:
         return torch.empty_like(like).exponential_(1)
-    u = torch.empty(like.shape, dtype=torch.float64).uniform_()
+    u = torch.empty_like(like, dtype=torch.float64).uniform_()
     return u.neg_().log1p_().neg_().to(like.dtype)
 
 
