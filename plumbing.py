@@ -236,7 +236,7 @@ def load_model(spec, tokenizer, seed=0, dtype=torch.float32, head="lm", **tiny_o
 def fused_gelu(model):
     """GPT-2's activation "gelu_new" is transformers' Python formula 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))):
     eight tensor ops forward and as many backward. "gelu_pytorch_tanh" is the same function in one
-    torch kernel (to 2.4e-7): swap it in, and say so in the config that is saved with the model."""
+    torch kernel (tests/test_sft.py): swap it in, and say so in the config saved with the model."""
     from transformers.activations import ACT2FN, NewGELUActivation
     for module in list(model.modules()):
         for name, child in module.named_children():
@@ -492,8 +492,9 @@ def pick_token(logits, temperature, banned=None):
 def sample(probs):
     """One token per row from probs [B, V]: torch.multinomial(probs, 1)'s own draw for one sample,
     argmax_a p_a / q_a with q_a ~ Exp(1) (the exponential race: row a wins with probability p_a),
-    without multinomial's input checks, which wait for the device twice per token. Same random
-    numbers, same tokens (tests/test_generate.py checks it against transformers' generate)."""
+    without multinomial's input checks, which wait for the device twice per token. The same random
+    numbers (`exponential`), the same tokens (tests/test_generate.py checks it against transformers'
+    generate)."""
     return (probs / exponential(probs)).argmax(-1)
 
 
@@ -698,8 +699,9 @@ def progress(iterable, d, **kw):
 
 def optimizer(model, lr, weight_decay=0.0):
     """AdamW (β = 0.9, 0.95); the fused CUDA kernel when every parameter is a plain CUDA tensor. On
-    CPU torch's fused kernel would save ~1-2 ms per step on the benchmarks, but it rounds differently
-    from the per-tensor one (~2e-8 per step), and the tiny runs of RESULTS.md ran with that one."""
+    CPU torch's fused kernel would be faster too (AdamW is 13-18% of the benchmark trainers' CPU
+    time, bench/op_profile.py), but it rounds differently from the per-tensor update, with which the
+    tiny runs of RESULTS.md ran."""
     params = list(model.parameters())
     fused = all(p.is_cuda and type(p) is torch.nn.Parameter for p in params)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95), fused=fused or None)
