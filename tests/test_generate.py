@@ -116,12 +116,11 @@ def test_static_cache_is_freed_with_its_model():
     assert not plumbing._STATIC_CACHE  # the cache's memory goes with its model
 
 
-
 @pytest.mark.parametrize("like", [torch.empty(16, 4096), torch.empty(4096, 16).t(), torch.empty(7)], ids=["2d", "transposed", "odd"])
 def test_the_exponential_draw_gives_exponential_s_numbers(like):
     """plumbing.exponential computes exponential_'s q = −log1p(−u) from one vectorized uniform_ call:
     the same float32 numbers, in the same layout, for the same seed (the last-bit exceptions are
-    ~1e-10 of draws: none in these), and the generator left in the same state."""
+    ~2e-10 of draws: none in these), and the generator left in the same state."""
     draws = []
     for seed in range(20):
         torch.manual_seed(seed)
