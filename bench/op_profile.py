@@ -10,13 +10,12 @@ gives AdamW: its "CPU total" includes the operators it calls.
     OMP_NUM_THREADS=1 python bench/op_profile.py reward      # or dpo, ppo; --rows N
 """
 import argparse
-import json
 import os
 import tempfile
 
 from torch.profiler import profile
 
-from workload import build_workload  # (it puts the repository on sys.path)
+from workload import build_workload, ppo_flags, preference_flags  # (it puts the repository on sys.path)
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("trainer", choices=["reward", "dpo", "ppo"])
@@ -41,25 +40,17 @@ def profiled(fn, name, rows, call=1):
 
 def main(args, folder):
     build_workload(folder)
-    model = os.path.join(folder, "model")
+    out = os.path.join(folder, "out")
     if args.trainer == "ppo":
-        with open(os.path.join(folder, "pairs.jsonl")) as f, open(os.path.join(folder, "prompts.jsonl"), "w") as g:
-            g.writelines(json.dumps({"prompt": json.loads(line)["prompt"]}) + "\n" for line in f)
-        with open(os.path.join(model, "reward_stats.json"), "w") as f:
-            json.dump({"mean": 0.0, "std": 1.0}, f)
         import ppo_gi as stage
-        flags = ["--reward", model, "--data", os.path.join(folder, "prompts.jsonl"), "--steps", "4", "--rollout_batch", "16",
-                 "--minibatch", "4", "--ppo_epochs", "1", "--max_new_tokens", "32", "--min_new_tokens", "32",
-                 "--save_every", "0", "--eval_prompts", "0", "--grad_cos", "0"]
+        flags = ppo_flags(folder, out, steps=4)
         stage.rollout = profiled(stage.rollout, "rollout of iteration 4 (generation and scoring)", args.rows, call=4)
         stage.ppo_update = profiled(stage.ppo_update, "PPO update of iteration 4", args.rows, call=4)
     else:
         stage = __import__(args.trainer)
-        flags = ["--data", os.path.join(folder, "pairs.jsonl"), "--eval_split", "all[:8]", "--steps", "32", "--batch_size", "8",
-                 "--warmup", "1", "--lr", "1e-4", "--max_len", "128", "--log_every", "32", "--eval_every", "1000", "--save_every", "0"]
-        flags += ["--stats_pairs", "8"] if args.trainer == "reward" else ["--gold_prompts", "0"]
+        flags = preference_flags(args.trainer, folder, out)
         stage.sft.supervised_loop = profiled(stage.sft.supervised_loop, f"{args.trainer} training loop, 32 steps", args.rows)
-    stage.main(stage.parser.parse_args(["--sft", model, "--split", "all", "--out", os.path.join(folder, "out"), *flags]))
+    stage.main(stage.parser.parse_args(flags))
 
 
 if __name__ == "__main__":

@@ -18,17 +18,14 @@ import subprocess
 import sys
 import tempfile
 
-from workload import ROOT, build_workload
+from workload import ROOT, build_workload, ppo_flags
 
 WARMUP, TIMED = 2, 8
 
 
 def run(variant, folder):
     out = os.path.join(folder, variant)
-    cmd = [sys.executable, "ppo_gi.py", "--sft", os.path.join(folder, "model"), "--reward", os.path.join(folder, "model"),
-           "--data", os.path.join(folder, "prompts.jsonl"), "--split", "all", "--out", out, "--steps", str(WARMUP + TIMED),
-           "--rollout_batch", "16", "--minibatch", "4", "--ppo_epochs", "1", "--max_new_tokens", "32", "--min_new_tokens", "32",
-           "--save_every", "0", "--eval_prompts", "0", "--grad_cos", "0"] + (["--no_gi"] if variant == "ppo" else [])
+    cmd = [sys.executable, "ppo_gi.py", *ppo_flags(folder, out, WARMUP + TIMED)] + (["--no_gi"] if variant == "ppo" else [])
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     subprocess.run(cmd, cwd=ROOT, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with open(os.path.join(out, "metrics.jsonl")) as f:
@@ -41,10 +38,5 @@ def run(variant, folder):
 if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as folder:
         build_workload(folder)
-        with open(os.path.join(folder, "pairs.jsonl")) as f, open(os.path.join(folder, "prompts.jsonl"), "w") as g:
-            for line in f:
-                g.write(json.dumps({"prompt": json.loads(line)["prompt"]}) + "\n")
-        with open(os.path.join(folder, "model", "reward_stats.json"), "w") as f:
-            json.dump({"mean": 0.0, "std": 1.0}, f)  # the random-init model serves as reward model too
         for variant in ("ppo", "gi_ppo"):
             print(json.dumps(run(variant, folder)), flush=True)

@@ -18,16 +18,12 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from workload import build_workload  # noqa: E402
+from workload import build_workload, preference_flags  # noqa: E402
 
 
 def run(trainer, folder):
     out = os.path.join(folder, trainer)
-    extra = ["--stats_pairs", "8"] if trainer == "reward" else ["--gold_prompts", "0"]
-    cmd = [sys.executable, f"{trainer}.py", "--sft", os.path.join(folder, "model"), "--data", os.path.join(folder, "pairs.jsonl"),
-           "--split", "all", "--eval_split", "all[:8]", "--out", out, "--steps", "32", "--batch_size", "8",
-           "--warmup", "1", "--lr", "1e-4", "--max_len", "128", "--log_every", "32", "--eval_every", "1000",
-           "--save_every", "0", *extra]
+    cmd = [sys.executable, f"{trainer}.py", *preference_flags(trainer, folder, out)]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     subprocess.run(cmd, cwd=ROOT, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with open(os.path.join(out, "metrics.jsonl")) as f:

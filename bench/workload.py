@@ -37,3 +37,26 @@ def build_workload(folder, seed=0):
     with open(os.path.join(folder, "pairs.jsonl"), "w") as f:
         f.writelines(json.dumps(p) + "\n" for p in pairs)
     return len(tokenizer), len(single)
+
+
+def preference_flags(trainer, folder, out):
+    """reward.py's or dpo.py's flags on the workload: batch 8, 32 steps (bench/preference.py)."""
+    extra = ["--stats_pairs", "8"] if trainer == "reward" else ["--gold_prompts", "0"]
+    return ["--sft", os.path.join(folder, "model"), "--data", os.path.join(folder, "pairs.jsonl"), "--split", "all",
+            "--eval_split", "all[:8]", "--out", out, "--steps", "32", "--batch_size", "8", "--warmup", "1", "--lr", "1e-4",
+            "--max_len", "128", "--log_every", "32", "--eval_every", "1000", "--save_every", "0", *extra]
+
+
+def ppo_flags(folder, out, steps):
+    """ppo_gi.py's flags on the workload (bench/ppo_step.py): the model as policy, reference, critic
+    and reward model; 16 prompts, exactly 32 new tokens, 4 minibatches, the grad_cos diagnostic off.
+    Writes the prompts file and the reward statistics these flags need, if not there yet."""
+    model, prompts = os.path.join(folder, "model"), os.path.join(folder, "prompts.jsonl")
+    if not os.path.exists(prompts):
+        with open(os.path.join(folder, "pairs.jsonl")) as f, open(prompts, "w") as g:
+            g.writelines(json.dumps({"prompt": json.loads(line)["prompt"]}) + "\n" for line in f)
+        with open(os.path.join(model, "reward_stats.json"), "w") as f:
+            json.dump({"mean": 0.0, "std": 1.0}, f)  # the random-init model serves as reward model too
+    return ["--sft", model, "--reward", model, "--data", prompts, "--split", "all", "--out", out, "--steps", str(steps),
+            "--rollout_batch", "16", "--minibatch", "4", "--ppo_epochs", "1", "--max_new_tokens", "32", "--min_new_tokens", "32",
+            "--save_every", "0", "--eval_prompts", "0", "--grad_cos", "0"]
