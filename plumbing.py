@@ -698,10 +698,13 @@ def progress(iterable, d, **kw):
 
 
 def optimizer(model, lr, weight_decay=0.0):
-    """AdamW (β = 0.9, 0.95); the fused CUDA kernel when every parameter is a plain CUDA tensor. On
-    CPU torch's fused kernel would be faster too (AdamW is 13-18% of the benchmark trainers' CPU
-    time, bench/op_profile.py), but it rounds differently from the per-tensor update, with which the
-    tiny runs of RESULTS.md ran."""
+    """AdamW (β = 0.9, 0.95). When every parameter is a plain tensor (not an FSDP2 shard): on CUDA
+    the fused kernel; on CPU the foreach form, each operation once over all tensors, the per-tensor
+    update's arithmetic bit for bit (a pipeline GI-PPO run gives the same metrics.jsonl; RESULTS.md).
+    CPU's fused kernel would be faster still, but it rounds differently from the per-tensor update,
+    with which the tiny runs of RESULTS.md ran."""
     params = list(model.parameters())
-    fused = all(p.is_cuda and type(p) is torch.nn.Parameter for p in params)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95), fused=fused or None)
+    plain = all(type(p) is torch.nn.Parameter for p in params)
+    fused = plain and all(p.is_cuda for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95), fused=fused or None,
+                             foreach=(plain and not fused) or None)
