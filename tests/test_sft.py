@@ -159,3 +159,23 @@ def test_gpt2_loads_with_the_fused_gelu_and_the_same_logits(tmp_path, tiny_token
         want, got = stock(ids).logits, ours(ids).logits
     assert not torch.equal(want, got)  # a different kernel computed it
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_cpu_adamw_is_the_per_tensor_update_bit_for_bit():
+    """plumbing.optimizer takes AdamW's foreach form on CPU; the tiny runs of RESULTS.md ran the
+    per-tensor form, so five steps of both, from the same weights and gradients, must agree exactly."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(37, 64), torch.nn.GELU(), torch.nn.Linear(64, 5))
+    twin = torch.nn.Sequential(torch.nn.Linear(37, 64), torch.nn.GELU(), torch.nn.Linear(64, 5))
+    twin.load_state_dict(model.state_dict())
+    ours = plumbing.optimizer(model, lr=3e-3, weight_decay=0.1)
+    assert ours.defaults["foreach"] is True
+    per_tensor = torch.optim.AdamW(twin.parameters(), lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95), foreach=False)
+    for _ in range(5):
+        x = torch.randn(16, 37)
+        for m, opt in ((model, ours), (twin, per_tensor)):
+            opt.zero_grad()
+            m(x).pow(2).mean().backward()
+            opt.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
