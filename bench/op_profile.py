@@ -5,7 +5,9 @@ Runs reward.py, dpo.py (bench/preference.py's settings) or ppo_gi.py (bench/ppo_
 in this process on bench/workload.py's tiny GPT-2, profiles the training loop (reward, dpo: all 32
 steps, and the held-out evaluation on 8 pairs that ends the loop, a few % of it; ppo: the 4th
 iteration's rollout and update, separately), and prints the top operators. Optimizer.step's row
-gives AdamW: its "CPU total" includes the operators it calls.
+gives AdamW: its "CPU total" includes the operators it calls. A last line per table sums the matrix
+products (aten::mm, addmm, bmm: the FLOPs torch.profiler counts for them, their self CPU time, the
+rate) against the rest of the self CPU time: the products alone bound how fast the call can be.
 
     OMP_NUM_THREADS=1 python bench/op_profile.py reward      # or dpo, ppo; --rows N
 """
@@ -30,10 +32,16 @@ def profiled(fn, name, rows, call=1):
         seen[0] += 1
         if seen[0] != call:
             return fn(*a, **kw)
-        with profile() as prof:
+        with profile(with_flops=True) as prof:
             out = fn(*a, **kw)
+        ops = prof.key_averages()
         print(f"== {name}")
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+        print(ops.table(sort_by="self_cpu_time_total", row_limit=rows))
+        products = [e for e in ops if e.key in ("aten::mm", "aten::addmm", "aten::bmm")]
+        gflop = sum(e.flops for e in products) / 1e9
+        ms, total_ms = sum(e.self_cpu_time_total for e in products) / 1e3, sum(e.self_cpu_time_total for e in ops) / 1e3
+        print(f"matrix products: {gflop:.2f} GFLOP in {ms:.1f} ms = {gflop / ms * 1e3:.0f} GFLOP/s; "
+              f"the rest: {total_ms - ms:.1f} ms of {total_ms:.1f} ms self CPU")
         return out
     return wrapper
 
