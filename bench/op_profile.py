@@ -7,14 +7,18 @@ steps, and the held-out evaluation on 8 pairs that ends the loop, a few % of it;
 iteration's rollout and update, separately), and prints the top operators. Optimizer.step's row
 gives AdamW: its "CPU total" includes the operators it calls. A last line per table sums the matrix
 products (aten::mm, addmm, bmm: the FLOPs torch.profiler counts for them, their self CPU time, the
-rate) against the rest of the self CPU time: the products alone bound how fast the call can be.
+rate) against the rest of the self CPU time: the products alone bound how fast the call can be. The
+first line gives the machine's rate on one 2048 × 2048 product, for comparison.
 
     OMP_NUM_THREADS=1 python bench/op_profile.py reward      # or dpo, ppo; --rows N
 """
 import argparse
+import math
 import os
 import tempfile
+import time
 
+import torch
 from torch.profiler import profile
 
 from workload import build_workload, ppo_flags, preference_flags  # (it puts the repository on sys.path)
@@ -46,7 +50,19 @@ def profiled(fn, name, rows, call=1):
     return wrapper
 
 
+def product_rate(n=2048, repeats=10):
+    """GFLOP/s of an n × n by n × n float32 product at torch's thread count, best of `repeats`."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e9
+
+
 def main(args, folder):
+    print(f"one 2048 x 2048 product, {torch.get_num_threads()} thread(s): {product_rate():.0f} GFLOP/s")
     build_workload(folder)
     out = os.path.join(folder, "out")
     if args.trainer == "ppo":
