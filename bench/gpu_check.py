@@ -20,6 +20,8 @@ token). gpu_mem_gb is the stage's peak allocated GPU memory. Stages:
                 without the groups/grad_cos diagnostic (--grad_cos 0: its extra backward is off, as in pipeline.sh)
   generate      plumbing.generate alone: transformers' generate, then the hand-written loop with each KV cache kind
   gi_ppo_compiled  GI-PPO with --generate_cache compiled
+  sft_profile   3 steps of sft under torch.profiler (bench/op_profile.py sft): its row gives the matrix
+                products' GFLOP and GPU ms against the GPU total, and the top operators; the table goes to --log
 Every stage runs in its own try (a failure prints an "error" row and the rest go on), and a stage
 is skipped (a "skipped" row) once the --budget_s total time would be exceeded.
 
@@ -32,6 +34,7 @@ import contextlib
 import gzip
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -51,7 +54,7 @@ parser.add_argument("--shared", default=os.path.join(os.path.dirname(ROOT), "sha
 parser.add_argument("--pairs", type=int, default=2000, help="--prepare: HH-RLHF test pairs to copy (half helpful-base, half harmless-base)")
 parser.add_argument("--tiny", action="store_true", help="tiny models and workloads, for a CPU (without --assets: the built-in toy task)")
 parser.add_argument("--sizes", nargs="+", default=["135m", "1b"], help="model sizes to run")
-parser.add_argument("--stages", nargs="+", default=["sft", "sft_compiled", "rm", "gi_ppo", "generate", "gi_ppo_compiled"], help="stages to run (sft_compiled, generate, gi_ppo_compiled: 135m only)")
+parser.add_argument("--stages", nargs="+", default=["sft", "sft_compiled", "rm", "gi_ppo", "generate", "gi_ppo_compiled"], help="stages to run (sft_compiled, generate, gi_ppo_compiled, sft_profile: 135m only)")
 parser.add_argument("--budget_s", type=float, default=450, help="total time budget: stages that would start after it are skipped, a running one is stopped")
 parser.add_argument("--peak_tflops", type=float, default=989.0, help="dense bf16 peak of the card for MFU (H100 SXM: 989)")
 parser.add_argument("--work", default=None, help="scratch folder for models and runs (default: /dev/shm if it has 40 GB free, else a temp folder)")
@@ -259,7 +262,7 @@ def plan(args):
     for size in args.sizes:
         order += [(size, s) for s in ("sft", "rm", "gi_ppo") if s in args.stages]
     if "135m" in args.sizes:
-        order += [("135m", s) for s in args.stages if s in ("generate", "sft_compiled", "gi_ppo_compiled")]
+        order += [("135m", s) for s in args.stages if s in ("generate", "sft_compiled", "gi_ppo_compiled", "sft_profile")]
     return order
 
 
@@ -315,6 +318,13 @@ def main(args):
                             if line.startswith("{"):
                                 print(json.dumps({"stage": "generate", "size": size, "params_m": row["params_m"], **json.loads(line),
                                                   "wall_s": round(time.time() - t_stage, 1)}), flush=True)
+                        done.add((size, stage))
+                        continue
+                    if stage == "sft_profile":
+                        cmd, _ = stage_command("sft", size, work, assets, cfg, dict(load[size], sft=(*load[size]["sft"][:2], 3)))
+                        out = run([os.path.join("bench", "op_profile.py"), "sft", "--rows", "25", "--flags", shlex.join(cmd[1:])], left, args.log)
+                        summary = json.loads([line for line in out.splitlines() if line.startswith('{"profile"')][-1])
+                        print(json.dumps({**row, **summary, "wall_s": round(time.time() - t_stage, 1)}), flush=True)
                         done.add((size, stage))
                         continue
                     cmd, out_dir = stage_command(stage, size, work, assets, cfg, load[size])

@@ -1,31 +1,39 @@
-"""Where a trainer's time goes on the benchmark workload: torch.profiler's table of operators by
-self CPU time (a diagnostic, not a test).
+"""Where a trainer's time goes: torch.profiler's table of operators (a diagnostic, not a test).
 
 Runs reward.py, dpo.py (bench/preference.py's settings) or ppo_gi.py (bench/ppo_step.py's, GI-PPO)
 in this process on bench/workload.py's tiny GPT-2, profiles the training loop (reward, dpo: all 32
 steps, and the held-out evaluation on 8 pairs that ends the loop, a few % of it; ppo: the 4th
-iteration's rollout and update, separately), and prints the top operators. Optimizer.step's row
-gives AdamW: its "CPU total" includes the operators it calls. A last line per table sums the matrix
-products (aten::mm, addmm, bmm: the FLOPs torch.profiler counts for them, their self CPU time, the
-rate) against the rest of the self CPU time: the products alone bound how fast the call can be. The
-first line gives the machine's rate on one 2048 × 2048 product, for comparison.
+iteration's rollout and update, separately), and prints the top operators by self CPU time (on
+CUDA: by self GPU time). Optimizer.step's row gives AdamW: its "CPU total" includes the operators
+it calls. A last line per table sums the matrix products (aten::mm, addmm, bmm: the FLOPs
+torch.profiler counts for them, their self time, the rate) against the rest of the self time: the
+products alone bound how fast the call can be; a JSON line repeats it with the top operators. The
+first line gives the machine's rate on one large product (CPU: 2048² float32; CUDA: 8192² bf16).
+`--flags` replaces the workload's flags with a stage's own (sft.py, whose loop is profiled whole,
+needs them; bench/gpu_check.py's sft_profile stage passes its SFT flags).
 
     OMP_NUM_THREADS=1 python bench/op_profile.py reward      # or dpo, ppo; --rows N
+    python bench/op_profile.py sft --flags "--model M --data D --steps 4 ..."
 """
 import argparse
+import json
 import math
 import os
+import shlex
 import tempfile
 import time
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import profile
 
 from workload import build_workload, ppo_flags, preference_flags  # (it puts the repository on sys.path)
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-parser.add_argument("trainer", choices=["reward", "dpo", "ppo"])
+parser.add_argument("trainer", choices=["reward", "dpo", "ppo", "sft"])
 parser.add_argument("--rows", type=int, default=15, help="operators to print")
+parser.add_argument("--flags", default=None, help="the stage's own flags, in one string, instead of the workload's (sft: required)")
+PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm")
 
 
 def profiled(fn, name, rows, call=1):
@@ -39,41 +47,58 @@ def profiled(fn, name, rows, call=1):
         with profile(with_flops=True) as prof:
             out = fn(*a, **kw)
         ops = prof.key_averages()
+        cuda = torch.cuda.is_available()
+        key, where = ("self_device_time_total", "self GPU") if cuda else ("self_cpu_time_total", "self CPU")
         print(f"== {name}")
-        print(ops.table(sort_by="self_cpu_time_total", row_limit=rows))
-        products = [e for e in ops if e.key in ("aten::mm", "aten::addmm", "aten::bmm")]
-        gflop = sum(e.flops for e in products) / 1e9
-        ms, total_ms = sum(e.self_cpu_time_total for e in products) / 1e3, sum(e.self_cpu_time_total for e in ops) / 1e3
+        print(ops.table(sort_by=key, row_limit=rows))
+        gflop = sum(e.flops for e in ops if e.key in PRODUCTS) / 1e9
+        ms = sum(getattr(e, key) for e in ops if e.key in PRODUCTS) / 1e3
+        # on CUDA the kernels carry the GPU time (the operators above them carry it again): sum only theirs
+        total_ms = sum(getattr(e, key) for e in ops if not cuda or e.device_type == DeviceType.CUDA) / 1e3
         print(f"matrix products: {gflop:.2f} GFLOP in {ms:.1f} ms = {gflop / ms * 1e3:.0f} GFLOP/s; "
-              f"the rest: {total_ms - ms:.1f} ms of {total_ms:.1f} ms self CPU")
+              f"the rest: {total_ms - ms:.1f} ms of {total_ms:.1f} ms {where}")
+        top = sorted(ops, key=lambda e: -getattr(e, key))[:8]
+        print(json.dumps({"profile": name, "time": where, "product_gflop": round(gflop, 2), "product_ms": round(ms, 1),
+                          "total_ms": round(total_ms, 1), "top_ms": [[e.key[:60], round(getattr(e, key) / 1e3, 1)] for e in top]}))
         return out
     return wrapper
 
 
-def product_rate(n=2048, repeats=10):
-    """GFLOP/s of an n × n by n × n float32 product at torch's thread count, best of `repeats`."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def product_rate(repeats=10):
+    """GFLOP/s of one n × n by n × n product, best of `repeats`: CPU 2048² float32 at torch's thread
+    count, CUDA 8192² bf16 (what the card's matrix units reach, to read MFU against)."""
+    cuda = torch.cuda.is_available()
+    n, dtype, device = (8192, torch.bfloat16, "cuda") if cuda else (2048, torch.float32, "cpu")
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     best = math.inf
     for _ in range(repeats):
+        torch.cuda.synchronize() if cuda else None
         t = time.perf_counter()
         a @ b
+        torch.cuda.synchronize() if cuda else None
         best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best / 1e9
+    return 2 * n ** 3 / best / 1e9, f"{n} x {n} {str(dtype)[6:]}"
 
 
 def main(args, folder):
-    print(f"one 2048 x 2048 product, {torch.get_num_threads()} thread(s): {product_rate():.0f} GFLOP/s")
-    build_workload(folder)
+    rate, what = product_rate()
+    print(f"one {what} product, {torch.get_num_threads()} CPU thread(s): {rate:.0f} GFLOP/s")
+    if args.trainer == "sft" and not args.flags:
+        parser.error("sft: give its flags with --flags (the benchmark workload has no SFT demonstrations)")
     out = os.path.join(folder, "out")
     if args.trainer == "ppo":
         import ppo_gi as stage
-        flags = ppo_flags(folder, out, steps=4)
         stage.rollout = profiled(stage.rollout, "rollout of iteration 4 (generation and scoring)", args.rows, call=4)
         stage.ppo_update = profiled(stage.ppo_update, "PPO update of iteration 4", args.rows, call=4)
     else:
         stage = __import__(args.trainer)
-        flags = preference_flags(args.trainer, folder, out)
-        stage.sft.supervised_loop = profiled(stage.sft.supervised_loop, f"{args.trainer} training loop, 32 steps", args.rows)
+        loop_owner = stage if args.trainer == "sft" else stage.sft
+        loop_owner.supervised_loop = profiled(loop_owner.supervised_loop, f"{args.trainer} training loop", args.rows)
+    if args.flags:
+        flags = shlex.split(args.flags)
+    else:
+        build_workload(folder)
+        flags = ppo_flags(folder, out, steps=4) if args.trainer == "ppo" else preference_flags(args.trainer, folder, out)
     stage.main(stage.parser.parse_args(flags))
 
 

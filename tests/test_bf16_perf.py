@@ -90,7 +90,7 @@ def test_bf16_ppo_logs_generation_tokens_per_s(toy_sft_dir, tmp_path):
 
 
 def test_gpu_check_tiny_prints_a_row_per_stage(tmp_path):
-    stages = ["sft", "rm", "gi_ppo", "generate"]
+    stages = ["sft", "rm", "gi_ppo", "generate", "sft_profile"]
     proc = run_script(["bench/gpu_check.py", "--tiny", "--assets", str(tmp_path / "none"), "--sizes", "135m",
                        "--stages", *stages, "--work", str(tmp_path)])
     rows = [json.loads(line) for line in proc.stdout.splitlines()]  # every stdout line is JSON
@@ -106,7 +106,22 @@ def test_gpu_check_tiny_prints_a_row_per_stage(tmp_path):
     assert by_stage["gi_ppo"][0]["gen_tokens_per_s"] > 0
     assert [(r["impl"], r["cache"]) for r in by_stage["generate"]] == [("hf", "dynamic")] + [("loop", k) for k in plumbing.CACHE_KINDS]
     assert all(r["tokens_per_s"] > 0 for r in by_stage["generate"])
+    (p,) = by_stage["sft_profile"]  # bench/op_profile.py's summary of SFT's loop: products within the total
+    assert "error" not in p, p
+    assert p["time"] == "self CPU" and p["product_gflop"] > 0 and 0 < p["product_ms"] < p["total_ms"]
+    assert any(k == "aten::mm" for k, _ in p["top_ms"])
     assert not any(n.startswith("gpu_check_") for n in os.listdir(tmp_path))  # the scratch folder is removed
+
+
+def test_op_profile_sums_the_flops_of_a_known_product(capsys, monkeypatch):
+    """bench/op_profile.py's summary against the closed form 2·m·k·n of one product."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    import op_profile
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 512)
+    op_profile.profiled(lambda: (a @ b).relu().sum(), "known", rows=3)()
+    summary = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert summary["product_gflop"] == round(2 * 1024 * 1024 * 512 / 1e9, 2)
+    assert 0 < summary["product_ms"] < summary["total_ms"]  # relu and sum are the rest
 
 
 def test_gpu_check_skips_a_stage_whose_input_did_not_run_and_names_missing_assets(tmp_path):
