@@ -12,13 +12,15 @@ import plumbing  # noqa: E402
 
 
 def build_workload(folder, seed=0):
-    """Save the random-init GPT-2 + tokenizer to folder/model and 256 pairs to folder/pairs.jsonl."""
+    """Save the random-init GPT-2 + tokenizer to folder/model and 256 pairs to folder/pairs.jsonl, the
+    same files for the same seed in every process (so this code and TRL's trainers get one workload)."""
+    import torch
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
     rng = random.Random(seed)
     letters = "abcdefghijklmnopqrstuvwxyz"
-    words = list({"".join(rng.choice(letters) for _ in range(rng.randint(3, 7))) for _ in range(6000)})
+    words = sorted({"".join(rng.choice(letters) for _ in range(rng.randint(3, 7))) for _ in range(6000)})  # sorted: a set's order changes with PYTHONHASHSEED
     corpus = [" ".join(rng.choice(words) for _ in range(40)) for _ in range(3000)]
     tokenizer = plumbing.train_tiny_tokenizer(corpus, vocab_size=4096)
     single = [w for w in words if len(tokenizer(" " + w)["input_ids"]) == 1]  # words that are one token
@@ -31,6 +33,7 @@ def build_workload(folder, seed=0):
     config = GPT2Config(n_layer=2, n_embd=128, n_head=4, vocab_size=len(tokenizer), n_positions=128,
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(seed)
     model = GPT2LMHeadModel(config)
     model.save_pretrained(os.path.join(folder, "model"))
     tokenizer.save_pretrained(os.path.join(folder, "model"))

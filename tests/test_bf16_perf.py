@@ -133,3 +133,19 @@ def test_gpu_check_skips_a_stage_whose_input_did_not_run_and_names_missing_asset
     bad = subprocess.run([sys.executable, "bench/gpu_check.py", "--assets", str(tmp_path / "none")], cwd=ROOT,
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "--prepare" in bad.stderr
+
+
+def test_bench_workload_is_the_same_files_in_every_process(tmp_path):
+    """bench/workload.py is built afresh by each benchmark process, ours and TRL's: under two hash
+    seeds (which reorder Python's sets) it must write the same pairs, tokenizer and weights."""
+    import hashlib
+    import subprocess
+    digests = []
+    for hash_seed in ("1", "2"):
+        folder = tmp_path / hash_seed
+        code = f"import sys; sys.path.insert(0, 'bench'); from workload import build_workload; build_workload({str(folder)!r})"
+        subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True,
+                       env={**os.environ, "PYTHONHASHSEED": hash_seed})
+        digests.append([hashlib.sha256((folder / name).read_bytes()).hexdigest()
+                        for name in ("pairs.jsonl", "model/tokenizer.json", "model/model.safetensors")])
+    assert digests[0] == digests[1]
