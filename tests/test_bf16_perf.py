@@ -140,12 +140,10 @@ def test_bench_workload_is_the_same_files_in_every_process(tmp_path):
     seeds (which reorder Python's sets) it must write the same pairs, tokenizer and weights."""
     import hashlib
     import subprocess
-    digests = []
-    for hash_seed in ("1", "2"):
-        folder = tmp_path / hash_seed
-        code = f"import sys; sys.path.insert(0, 'bench'); from workload import build_workload; build_workload({str(folder)!r})"
-        subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True,
-                       env={**os.environ, "PYTHONHASHSEED": hash_seed})
-        digests.append([hashlib.sha256((folder / name).read_bytes()).hexdigest()
-                        for name in ("pairs.jsonl", "model/tokenizer.json", "model/model.safetensors")])
+    code = "import sys; sys.path.insert(0, 'bench'); from workload import build_workload; build_workload(sys.argv[1])"
+    builds = {seed: subprocess.Popen([sys.executable, "-c", code, str(tmp_path / seed)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONHASHSEED": seed}) for seed in ("1", "2")}
+    assert all(p.wait() == 0 for p in builds.values())  # the two builds run side by side
+    digests = [[hashlib.sha256((tmp_path / seed / name).read_bytes()).hexdigest()
+                for name in ("pairs.jsonl", "model/tokenizer.json", "model/model.safetensors")] for seed in builds]
     assert digests[0] == digests[1]
