@@ -700,7 +700,8 @@ def progress(iterable, d, **kw):
 def optimizer(model, lr, weight_decay=0.0):
     """AdamW (β = 0.9, 0.95). When every parameter is a plain tensor (not an FSDP2 shard): on CUDA
     the fused kernel; on CPU the foreach form, each operation once over all tensors, the per-tensor
-    update's arithmetic bit for bit (a pipeline GI-PPO run gives the same metrics.jsonl; RESULTS.md).
+    update's arithmetic bit for bit for float32 parameters, which every stage keeps (pipeline runs give
+    the same metrics.jsonl, RESULTS.md; not so for bf16 parameters, where _foreach_mul_ rounds otherwise).
     CPU's fused kernel would be faster still, but it rounds differently from the per-tensor update,
     with which the tiny runs of RESULTS.md ran."""
     params = list(model.parameters())

@@ -321,7 +321,8 @@ def main(args):
                         done.add((size, stage))
                         continue
                     if stage == "sft_profile":
-                        cmd, _ = stage_command("sft", size, work, assets, cfg, dict(load[size], sft=(*load[size]["sft"][:2], 3)))
+                        cmd, out_dir = stage_command("sft", size, work, assets, cfg, dict(load[size], sft=(*load[size]["sft"][:2], 3)))
+                        cmd[cmd.index(out_dir)] = os.path.join(work, size, stage)  # not over the sft stage's model, which later stages load
                         out = run([os.path.join("bench", "op_profile.py"), "sft", "--rows", "25", "--flags", shlex.join(cmd[1:])], left, args.log)
                         summary = json.loads([line for line in out.splitlines() if line.startswith('{"profile"')][-1])
                         print(json.dumps({**row, **summary, "wall_s": round(time.time() - t_stage, 1)}), flush=True)

@@ -5,7 +5,7 @@ in this process on bench/workload.py's tiny GPT-2, profiles the training loop (r
 steps, and the held-out evaluation on 8 pairs that ends the loop, a few % of it; ppo: the 4th
 iteration's rollout and update, separately), and prints the top operators by self CPU time (on
 CUDA: by self GPU time). Optimizer.step's row gives AdamW: its "CPU total" includes the operators
-it calls. A last line per table sums the matrix products (aten::mm, addmm, bmm: the FLOPs
+it calls. A last line per table sums the matrix products (aten::mm, addmm, bmm, baddbmm: the FLOPs
 torch.profiler counts for them, their self time, the rate) against the rest of the self time: the
 products alone bound how fast the call can be; a JSON line repeats it with the top operators. The
 first line gives the machine's rate on one large product (CPU: 2048² float32; CUDA: 8192² bf16).
@@ -33,7 +33,7 @@ parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("trainer", choices=["reward", "dpo", "ppo", "sft"])
 parser.add_argument("--rows", type=int, default=15, help="operators to print")
 parser.add_argument("--flags", default=None, help="the stage's own flags, in one string, instead of the workload's (sft: required)")
-PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm")
+PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
 
 
 def profiled(fn, name, rows, call=1):
@@ -47,17 +47,18 @@ def profiled(fn, name, rows, call=1):
         with profile(with_flops=True) as prof:
             out = fn(*a, **kw)
         ops = prof.key_averages()
-        cuda = torch.cuda.is_available()
-        key, where = ("self_device_time_total", "self GPU") if cuda else ("self_cpu_time_total", "self CPU")
+        kernels = [e for e in ops if e.device_type == DeviceType.CUDA]  # GPU work, if the call did any
+        key, where = ("self_device_time_total", "self GPU") if kernels else ("self_cpu_time_total", "self CPU")
         print(f"== {name}")
         print(ops.table(sort_by=key, row_limit=rows))
-        gflop = sum(e.flops for e in ops if e.key in PRODUCTS) / 1e9
-        ms = sum(getattr(e, key) for e in ops if e.key in PRODUCTS) / 1e3
+        operators = [e for e in ops if e.device_type == DeviceType.CPU]  # on CUDA: each one's time is its kernels'
+        gflop = sum(e.flops for e in operators if e.key in PRODUCTS) / 1e9
+        ms = sum(getattr(e, key) for e in operators if e.key in PRODUCTS) / 1e3
         # on CUDA the kernels carry the GPU time (the operators above them carry it again): sum only theirs
-        total_ms = sum(getattr(e, key) for e in ops if not cuda or e.device_type == DeviceType.CUDA) / 1e3
-        print(f"matrix products: {gflop:.2f} GFLOP in {ms:.1f} ms = {gflop / ms * 1e3:.0f} GFLOP/s; "
+        total_ms = sum(getattr(e, key) for e in (kernels or operators)) / 1e3
+        print(f"matrix products: {gflop:.2f} GFLOP in {ms:.1f} ms = {gflop / max(ms, 1e-9) * 1e3:.0f} GFLOP/s; "
               f"the rest: {total_ms - ms:.1f} ms of {total_ms:.1f} ms {where}")
-        top = sorted(ops, key=lambda e: -getattr(e, key))[:8]
+        top = sorted(operators, key=lambda e: -getattr(e, key))[:8]
         print(json.dumps({"profile": name, "time": where, "product_gflop": round(gflop, 2), "product_ms": round(ms, 1),
                           "total_ms": round(total_ms, 1), "top_ms": [[e.key[:60], round(getattr(e, key) / 1e3, 1)] for e in top]}))
         return out
@@ -82,7 +83,8 @@ def product_rate(repeats=10):
 
 def main(args, folder):
     rate, what = product_rate()
-    print(f"one {what} product, {torch.get_num_threads()} CPU thread(s): {rate:.0f} GFLOP/s")
+    on = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{torch.get_num_threads()} CPU thread(s)"
+    print(f"one {what} product, {on}: {rate:.0f} GFLOP/s")
     if args.trainer == "sft" and not args.flags:
         parser.error("sft: give its flags with --flags (the benchmark workload has no SFT demonstrations)")
     out = os.path.join(folder, "out")

@@ -108,7 +108,8 @@ def test_gpu_check_tiny_prints_a_row_per_stage(tmp_path):
     assert all(r["tokens_per_s"] > 0 for r in by_stage["generate"])
     (p,) = by_stage["sft_profile"]  # bench/op_profile.py's summary of SFT's loop: products within the total
     assert "error" not in p, p
-    assert p["time"] == "self CPU" and p["product_gflop"] > 0 and 0 < p["product_ms"] < p["total_ms"]
+    assert p["time"] == ("self GPU" if torch.cuda.is_available() else "self CPU")
+    assert p["product_gflop"] > 0 and 0 < p["product_ms"] < p["total_ms"]
     assert any(k == "aten::mm" for k, _ in p["top_ms"])
     assert not any(n.startswith("gpu_check_") for n in os.listdir(tmp_path))  # the scratch folder is removed
 
