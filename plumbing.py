@@ -503,8 +503,8 @@ def exponential(like):
     returns. On CPU, exponential_ draws one float64 uniform u at a time and returns −log1p(−u)
     computed by the C library's scalar log1p; here the same uniforms come from one uniform_ call on
     a float64 tensor laid out like `like` (the same generator, the same order) and −log1p(−u) is
-    computed vectorized: 2.3× faster (bench/generate.py's last line: 0.64 against 1.45 ms for
-    16 × 4,096, one thread). The two log1p differ in the last float64 bit on some u; the float32
+    computed vectorized: 2.3–2.9× faster for 16 × 4,096 with one thread (bench/generate.py's last
+    line; RESULTS.md). The two log1p differ in the last float64 bit on some u; the float32
     result differs only when that bit straddles a float32 rounding boundary (a chance of ~2^-29
     for each such u: ~2 in 10^10 draws, estimated), and a sampled token only if that also changes
     which token wins the race (so the same seed gives transformers' tokens: tests/test_generate.py).

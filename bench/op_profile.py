@@ -5,7 +5,7 @@ in this process on bench/workload.py's tiny GPT-2, profiles the training loop (r
 steps, and the held-out evaluation on 8 pairs that ends the loop, a few % of it; ppo: the 4th
 iteration's rollout and update, separately), and prints the top operators by self CPU time (on
 CUDA: by self GPU time). Optimizer.step's row gives AdamW: its "CPU total" includes the operators
-it calls. A last line per table sums the matrix products (aten::mm, addmm, bmm, baddbmm: the FLOPs
+it calls. A summary line per table sums the matrix products (aten::mm, addmm, bmm, baddbmm: the FLOPs
 torch.profiler counts for them, their self time, the rate) against the rest of the self time: the
 products alone bound how fast the call can be; a JSON line repeats it with the top operators. The
 first line gives the machine's rate on one large product (CPU: 2048² float32; CUDA: 8192² bf16).
@@ -88,7 +88,6 @@ def main(args, folder):
     print(f"one {what} product, {on}: {rate:.0f} GFLOP/s")
     if args.trainer == "sft" and not args.flags:
         parser.error("sft: give its flags with --flags (the benchmark workload has no SFT demonstrations)")
-    out = os.path.join(folder, "out")
     if args.trainer == "ppo":
         import ppo_gi as stage
         stage.rollout = profiled(stage.rollout, "rollout of iteration 4 (generation and scoring)", args.rows, call=4)
@@ -101,6 +100,7 @@ def main(args, folder):
         flags = shlex.split(args.flags)
     else:
         build_workload(folder)
+        out = os.path.join(folder, "out")
         flags = ppo_flags(folder, out, steps=4) if args.trainer == "ppo" else preference_flags(args.trainer, folder, out)
     stage.main(stage.parser.parse_args(flags))
 
