@@ -23,9 +23,11 @@ from workload import ROOT, build_workload, ppo_flags
 WARMUP, TIMED = 2, 8
 
 
-def run(variant, folder):
-    out = os.path.join(folder, variant)
-    cmd = [sys.executable, "ppo_gi.py", *ppo_flags(folder, out, WARMUP + TIMED)] + (["--no_gi"] if variant == "ppo" else [])
+def run(variant, folder, python=(sys.executable,), out=None):
+    """One variant's JSON line (ppo: --no_gi; gi_ppo); `python` is the command that runs ppo_gi.py
+    (bench/other_arithmetic.py passes its own)."""
+    out = out or os.path.join(folder, variant)
+    cmd = [*python, "ppo_gi.py", *ppo_flags(folder, out, WARMUP + TIMED)] + (["--no_gi"] if variant == "ppo" else [])
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     subprocess.run(cmd, cwd=ROOT, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with open(os.path.join(out, "metrics.jsonl")) as f:

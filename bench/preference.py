@@ -21,9 +21,11 @@ sys.path.insert(0, ROOT)
 from workload import build_workload, preference_flags  # noqa: E402
 
 
-def run(trainer, folder):
-    out = os.path.join(folder, trainer)
-    cmd = [sys.executable, f"{trainer}.py", *preference_flags(trainer, folder, out)]
+def run(trainer, folder, python=(sys.executable,), out=None):
+    """One trainer's JSON line; `python` is the command that runs its script (bench/other_arithmetic.py
+    passes its own)."""
+    out = out or os.path.join(folder, trainer)
+    cmd = [*python, f"{trainer}.py", *preference_flags(trainer, folder, out)]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     subprocess.run(cmd, cwd=ROOT, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with open(os.path.join(out, "metrics.jsonl")) as f:

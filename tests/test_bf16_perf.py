@@ -148,3 +148,29 @@ def test_bench_workload_is_the_same_files_in_every_process(tmp_path):
     digests = [[hashlib.sha256((tmp_path / seed / name).read_bytes()).hexdigest()
                 for name in ("pairs.jsonl", "model/tokenizer.json", "model/model.safetensors")] for seed in builds]
     assert digests[0] == digests[1]
+
+
+def test_other_arithmetic_swaps_in_fused_adamw_and_erf_gelu_only_when_asked(monkeypatch):
+    """bench/other_arithmetic.py's variants: as_is leaves AdamW's foreach form and the tanh GELU;
+    erf_gelu gives torch's fused AdamW and GELU's erf form (which differs from the tanh form)."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    import other_arithmetic
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def built():
+        model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=16))
+        plumbing.fused_gelu(model)
+        group = plumbing.optimizer(model, 1e-3).param_groups[0]
+        return model.transformer.h[0].mlp.act, group["foreach"], group["fused"]
+
+    x = torch.linspace(-4, 4, 101)
+    tanh_form, exact = torch.nn.functional.gelu(x, approximate="tanh"), torch.nn.functional.gelu(x)
+    assert not torch.equal(tanh_form, exact)
+    other_arithmetic.apply("as_is", monkeypatch.setattr)
+    act, foreach, fused = built()
+    assert torch.equal(act(x), tanh_form) and foreach and not fused
+    other_arithmetic.apply("erf_gelu", monkeypatch.setattr)
+    act, foreach, fused = built()
+    assert torch.equal(act(x), exact) and not foreach and fused
+    with pytest.raises(SystemExit, match="unknown variant 'fast'"):
+        other_arithmetic.apply("fast", monkeypatch.setattr)
