@@ -72,7 +72,7 @@ def one_run(work, variant, folder, tag):
 def main(args):
     with tempfile.TemporaryDirectory() as folder:
         build_workload(folder)
-        for r in range(args.rounds):
+        for r in range(args.first_round, args.first_round + args.rounds):
             order = VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]
             for work in args.work:
                 runs = {v: one_run(work, v, folder, r) for v in order}
@@ -88,5 +88,6 @@ if __name__ == "__main__":
     else:
         parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
         parser.add_argument("--rounds", type=int, default=3, help="rounds of every variant of every trainer")
+        parser.add_argument("--first_round", type=int, default=0, help="the first round's number (the order of the variants rotates with it)")
         parser.add_argument("--work", nargs="+", choices=WORK, default=list(WORK), help="which trainers")
         main(parser.parse_args())
