@@ -7,8 +7,8 @@ one of these swapped in by this script, not by any flag of the stages:
 
   as_is        the code as it is
   fused_adamw  torch's fused CPU AdamW: one kernel per tensor, which rounds differently
-  erf_gelu     fused AdamW, and GELU's erf form in place of GPT-2's tanh form: another function,
-               so only a bound on what kernels could buy, not a model anyone should train
+  erf_gelu     fused AdamW, and GELU's erf form in place of GPT-2's tanh form: a faster kernel for
+               another function, measured for its speed, not a model anyone should train
 
 Each round runs every variant of a trainer back to back, in an order that rotates between rounds;
 one JSON line per run with its speed-up over as_is in the same round (the ratio of pairs/s, DPO's
@@ -84,6 +84,8 @@ def main(args):
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--child"]:
+        if len(sys.argv) < 4:
+            raise SystemExit("other_arithmetic.py --child VARIANT SCRIPT [ARGS...]: give the variant and the stage's script")
         child(sys.argv[2], sys.argv[3], sys.argv[4:])
     else:
         parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -152,7 +152,8 @@ def test_bench_workload_is_the_same_files_in_every_process(tmp_path):
 
 def test_other_arithmetic_swaps_in_fused_adamw_and_erf_gelu_only_when_asked(monkeypatch):
     """bench/other_arithmetic.py's variants: as_is leaves AdamW's foreach form and the tanh GELU;
-    erf_gelu gives torch's fused AdamW and GELU's erf form (which differs from the tanh form)."""
+    fused_adamw gives torch's fused AdamW only; erf_gelu that and GELU's erf form (which differs
+    from the tanh form)."""
     monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
     import other_arithmetic
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -169,6 +170,10 @@ def test_other_arithmetic_swaps_in_fused_adamw_and_erf_gelu_only_when_asked(monk
     other_arithmetic.apply("as_is", monkeypatch.setattr)
     act, foreach, fused = built()
     assert torch.equal(act(x), tanh_form) and foreach and not fused
+    other_arithmetic.apply("fused_adamw", monkeypatch.setattr)
+    act, foreach, fused = built()
+    assert torch.equal(act(x), tanh_form) and not foreach and fused
+    monkeypatch.undo()
     other_arithmetic.apply("erf_gelu", monkeypatch.setattr)
     act, foreach, fused = built()
     assert torch.equal(act(x), exact) and not foreach and fused
