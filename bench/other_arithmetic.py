@@ -53,8 +53,7 @@ def apply(variant, patch=setattr):
 def child(variant, script, args):
     """Run `python script args` in this process with the variant applied."""
     apply(variant)
-    sys.argv = [script, *args]
-    sys.path.insert(0, ROOT)
+    sys.argv = [script, *args]  # the repository is on sys.path already (workload puts it there)
     runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
 
 

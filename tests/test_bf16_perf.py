@@ -1,7 +1,9 @@
 """bf16 autocast (the CUDA default, exercised here on CPU), the perf/* metrics, generate()'s KV cache
 kinds, and bench/gpu_check.py --tiny."""
+import hashlib
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -130,7 +132,6 @@ def test_gpu_check_skips_a_stage_whose_input_did_not_run_and_names_missing_asset
                        "--assets", str(tmp_path / "none")])
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert rows[1] == {"stage": "rm", "size": "1b", "skipped": "needs sft of 1b, which did not run"}
-    import subprocess
     bad = subprocess.run([sys.executable, "bench/gpu_check.py", "--assets", str(tmp_path / "none")], cwd=ROOT,
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "--prepare" in bad.stderr
@@ -139,8 +140,6 @@ def test_gpu_check_skips_a_stage_whose_input_did_not_run_and_names_missing_asset
 def test_bench_workload_is_the_same_files_in_every_process(tmp_path):
     """bench/workload.py is built afresh by each benchmark process, ours and TRL's: under two hash
     seeds (which reorder Python's sets) it must write the same pairs, tokenizer and weights."""
-    import hashlib
-    import subprocess
     code = "import sys; sys.path.insert(0, 'bench'); from workload import build_workload; build_workload(sys.argv[1])"
     builds = {seed: subprocess.Popen([sys.executable, "-c", code, str(tmp_path / seed)], cwd=ROOT, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONHASHSEED": seed}) for seed in ("1", "2")}
