@@ -29,14 +29,15 @@ def test_hh_subset_loaded_plus_skipped_is_every_record(subset):
 
 @needs_shared
 def test_hh_directory_loads_all_subsets_and_reports_skips(capsys):
-    pairs = data.load_pairs(shared("data", "hh-rlhf"), "test")
+    pairs = data.load_pairs(shared("data", "hh-rlhf"), "all")
     out = capsys.readouterr().out
     assert "skipped" in out and "chosen == rejected" in out
     n_skipped = int(out.split("skipped ")[1].split()[0])
     assert len(pairs) + n_skipped == sum(HH_SUBSETS.values()) == 8552
+    assert [p["group"] for p in pairs[::2000]] == ["harmless-base"] * 2 + ["helpful-base"] + ["helpful-rejection-sampled"] * 2  # file order
     assert len(data.load_pairs(shared("data", "hh-rlhf"), "test[:10]")) == 10
-    demos, prompts = data.load_demos(shared("data", "hh-rlhf"), "test[:20]"), data.load_prompts(shared("data", "hh-rlhf"), "test[:20]")
-    assert demos[0] == {"prompt": pairs[0]["prompt"], "response": pairs[0]["chosen"]}
+    demos, prompts = data.load_demos(shared("data", "hh-rlhf"), "all[:20]"), data.load_prompts(shared("data", "hh-rlhf"), "test[:20]")
+    assert demos[0] == {"prompt": pairs[0]["prompt"], "response": pairs[0]["chosen"], "group": "harmless-base"}
     assert 0 < len(prompts) <= 20 and all(p["prompt"].endswith("\n\nAssistant:") for p in prompts)
 
 
@@ -82,7 +83,7 @@ def test_unusable_records_are_skipped_and_counted(tmp_path, capsys):
             {"chosen": "\n\nHuman: q\n\nAssistant:", "rejected": "\n\nHuman: q\n\nAssistant: x"}]
     path = tmp_path / "test.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    pairs = data.load_pairs(str(tmp_path), "test")
+    pairs = data.load_pairs(str(tmp_path), "all")
     assert pairs == [{"prompt": "\n\nHuman: q\n\nAssistant:", "chosen": " yes", "rejected": " no"}]
     out = capsys.readouterr().out
     assert "loaded 1 records, skipped 3" in out
