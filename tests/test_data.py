@@ -1,6 +1,7 @@
 import gzip
 import json
 import random
+import re
 import subprocess
 import sys
 
@@ -29,14 +30,15 @@ def test_hh_subset_loaded_plus_skipped_is_every_record(subset):
 
 @needs_shared
 def test_hh_directory_loads_all_subsets_and_reports_skips(capsys):
-    pairs = data.load_pairs(shared("data", "hh-rlhf"), "test")
+    pairs = data.load_pairs(shared("data", "hh-rlhf"), "all")
     out = capsys.readouterr().out
     assert "skipped" in out and "chosen == rejected" in out
     n_skipped = int(out.split("skipped ")[1].split()[0])
     assert len(pairs) + n_skipped == sum(HH_SUBSETS.values()) == 8552
+    assert [p["group"] for p in pairs[::2000]] == ["harmless-base"] * 2 + ["helpful-base"] + ["helpful-rejection-sampled"] * 2  # file order
     assert len(data.load_pairs(shared("data", "hh-rlhf"), "test[:10]")) == 10
-    demos, prompts = data.load_demos(shared("data", "hh-rlhf"), "test[:20]"), data.load_prompts(shared("data", "hh-rlhf"), "test[:20]")
-    assert demos[0] == {"prompt": pairs[0]["prompt"], "response": pairs[0]["chosen"]}
+    demos, prompts = data.load_demos(shared("data", "hh-rlhf"), "all[:20]"), data.load_prompts(shared("data", "hh-rlhf"), "test[:20]")
+    assert demos[0] == {"prompt": pairs[0]["prompt"], "response": pairs[0]["chosen"], "group": "harmless-base"}
     assert 0 < len(prompts) <= 20 and all(p["prompt"].endswith("\n\nAssistant:") for p in prompts)
 
 
@@ -82,7 +84,7 @@ def test_unusable_records_are_skipped_and_counted(tmp_path, capsys):
             {"chosen": "\n\nHuman: q\n\nAssistant:", "rejected": "\n\nHuman: q\n\nAssistant: x"}]
     path = tmp_path / "test.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    pairs = data.load_pairs(str(tmp_path), "test")
+    pairs = data.load_pairs(str(tmp_path), "all")
     assert pairs == [{"prompt": "\n\nHuman: q\n\nAssistant:", "chosen": " yes", "rejected": " no"}]
     out = capsys.readouterr().out
     assert "loaded 1 records, skipped 3" in out
@@ -206,3 +208,89 @@ def test_split_heldout_is_a_fixed_partition():
     assert len(held) == 10 and len(train) == 90 and data.split_heldout(rows, 0.1, seed=3) == (train, held)
     assert sorted(r["i"] for r in train + held) == list(range(100))
 
+
+
+H, PAIR = "\n\nHuman: q\n\nAssistant:", {"prompt": "\n\nHuman: q\n\nAssistant:", "chosen": " a", "rejected": " b"}
+SFF = {"info": {"id": "t3_x", "post": "a post", "title": "t", "subreddit": "tifu"}, "split": "valid1",
+       "summaries": [{"text": " one", "policy": "ref"}, {"text": " two", "policy": "sup"}], "choice": 0}
+PKU = {"prompt": "q", "response_0": "a", "response_1": "b", "safer_response_id": 1}
+
+
+@pytest.mark.parametrize("record, field, shown", [
+    ({**PAIR, "prompt": None}, "prompt", "null"),
+    ({**PAIR, "chosen": 3}, "chosen", "3"),
+    ({**PAIR, "rejected": ["b"]}, "rejected", r'\["b"\]'),
+    ({"prompt": H, "response": None}, "response", "null"),
+    ({"prompt": 7}, "prompt", "7"),
+    ({"chosen": None, "rejected": H + " b"}, "chosen", "null"),
+    ({"chosen": H + " a", "rejected": 1.5}, "rejected", "1.5"),
+    ({**SFF, "summaries": [{"text": None}, {"text": " two"}]}, "summaries[0].text", "null"),
+    ({**SFF, "info": {**SFF["info"], "post": None}}, "info.post", "null"),
+    ({**SFF, "info": {**SFF["info"], "subreddit": 5}}, "info.subreddit", "5"),
+    ({**SFF, "info": {"site": "cnn", "article": None}}, "info.article", "null"),
+    ({**PKU, "response_0": None}, "response_0", "null"),
+])
+def test_a_value_that_is_not_text_names_file_line_and_field(tmp_path, record, field, shown):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(PAIR) + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(data.DataError, match=rf"bad\.jsonl, line 2: '{re.escape(field)}' is {shown}, expected text"):
+        data.load_pairs(str(path), "all")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"choice": 2}, r"'choice' is 2, expected 0 or 1"),
+    ({"choice": "0"}, r"""'choice' is "0", expected 0 or 1"""),
+    ({"choice": True}, r"'choice' is true, expected 0 or 1"),
+    ({"summaries": SFF["summaries"] * 2}, r"'summaries' is .*, expected a list of two"),
+    ({"summaries": {"text": " one"}}, r"'summaries' is .*, expected a list of two"),
+    ({"summaries": [" one", " two"]}, r"'summaries' is .*, expected a list of two"),
+    ({"info": "a post"}, r"""'info' is "a post", expected an object"""),
+])
+def test_summarize_from_feedback_shapes_name_file_and_line(tmp_path, change, message):
+    path = tmp_path / "batch.json"
+    path.write_text(json.dumps(SFF) + "\n" + json.dumps({**SFF, **change}) + "\n")
+    with pytest.raises(data.DataError, match=r"batch\.json, line 2: " + message):
+        data.load_pairs(str(path), "all")
+
+
+def test_pku_bad_safer_response_id_names_the_line(tmp_path):
+    path = tmp_path / "pku.jsonl"
+    path.write_text(json.dumps({**PKU, "safer_response_id": 2}) + "\n")
+    with pytest.raises(data.DataError, match=r"pku\.jsonl, line 1: 'safer_response_id' is 2, expected 0 or 1"):
+        data.load_pairs(str(path), "all")
+
+
+def test_a_non_utf8_byte_names_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(json.dumps(PAIR).encode() + b"\n" + '{"prompt": "caf\xe9", "response": " r"}\n'.encode("latin-1"))
+    with pytest.raises(data.DataError, match=r"latin1\.jsonl, line 2: not UTF-8 \(byte 0xe9 at column 16\)"):
+        data.load_demos(str(path), "all")
+
+
+def test_a_truncated_or_corrupt_gzip_names_the_file(tmp_path):
+    whole = gzip.compress("".join(json.dumps({**PAIR, "chosen": f" a{i}"}) + "\n" for i in range(2000)).encode())
+    path = tmp_path / "test.jsonl.gz"
+    path.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(data.DataError, match=r"test\.jsonl\.gz: corrupt or truncated gzip file, reading stopped after line \d+"):
+        data.load_pairs(str(path), "all")
+    path.write_bytes(whole[:100] + b"\xff" * 50 + whole[150:])
+    with pytest.raises(data.DataError, match=r"test\.jsonl\.gz: corrupt or truncated gzip file"):
+        data.load_pairs(str(tmp_path), "all")
+    path.write_bytes(json.dumps(PAIR).encode() + b"\n")  # plain text under a .gz name
+    with pytest.raises(data.DataError, match=r"test\.jsonl\.gz: corrupt or truncated gzip file, reading stopped after line 0"):
+        data.load_pairs(str(path), "all")
+
+
+@pytest.mark.parametrize("spec", ["data/hh", "runs/x.jsonl", "runs/a/b", "./hh", "~/data/hh", "someone/some-data"])
+def test_a_missing_path_fails_at_once_without_the_hub(monkeypatch, tmp_path, spec):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # importing it would be an ImportError, not a DataError
+    with pytest.raises(data.DataError, match=rf"data spec '{re.escape(spec)}': not 'toy', an existing file or directory, or a hub id"):
+        data.load_prompts(spec, "test")
+
+
+def test_hub_ids_are_the_known_ones_or_prefixed():
+    assert data._hub_id("Anthropic/hh-rlhf") == "Anthropic/hh-rlhf"
+    assert data._hub_id("Anthropic/hh-rlhf:helpful-base") == "Anthropic/hh-rlhf:helpful-base"
+    assert data._hub_id("hub:PKU-Alignment/PKU-SafeRLHF") == "PKU-Alignment/PKU-SafeRLHF"
+    assert data._hub_id("PKU-Alignment/PKU-SafeRLHF") is None and data._hub_id("hub:a/b/c") is None
