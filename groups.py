@@ -76,32 +76,6 @@ def variance_penalty(group_returns):
     return ((group_returns - group_returns.mean()) ** 2).mean()
 
 
-def variance_weights(returns, probs, n_min=0.0, reduce=None, eps=1e-8):
-    """w_i = ∂R_var/∂G_i [B], detached: how much trajectory i's return moves R_var, with R_g and
-    R_var exactly as `group_returns` and `variance_penalty` define them. The derivation:
-
-        R_g   = Σ_i p_ig·G_i / D_g,    D_g = max(Σ_i p_ig, n_min)     (p_ig = p_φ(g|x_i,y_i), fixed)
-        R_var = (1/M)·Σ_g (R_g − R̄)²,  R̄ = (1/M)·Σ_g R_g
-        ∂R_var/∂R_g = (2/M)·(R_g − R̄)          (the terms through R̄ sum to zero: Σ_g (R_g − R̄) = 0)
-        ∂R_g/∂G_i   = p_ig / D_g
-        w_i = Σ_g ∂R_var/∂R_g · ∂R_g/∂G_i = (2/M)·Σ_g (R_g − R̄)·p_ig / D_g
-
-    A trajectory in a group above the mean gets w_i > 0, one below it w_i < 0: descending
-    Σ_i w_i·S_i(θ) lowers the returns of the best group and raises those of the worst.
-    `reduce` sums the group sums over ranks, so the weights use the whole global batch."""
-    returns, probs = returns.detach(), probs.detach()
-    weighted, size = (probs * returns[:, None]).sum(0), probs.sum(0)
-    if reduce is not None:
-        weighted, size = reduce(weighted), reduce(size)
-    denom = size.clamp(min=n_min) + eps
-    r_g = weighted / denom
-    m = r_g.shape[0]
-    # ∂R_var/∂R_g = (2/M)·(R_g − R̄)
-    d_var_d_rg = 2.0 / m * (r_g - r_g.mean())
-    # w_i = Σ_g ∂R_var/∂R_g · p_φ(g|x_i,y_i) / D_g
-    return (probs * (d_var_d_rg / denom)[None, :]).sum(-1)
-
-
 class Critic(reward.RewardModel):
     """The reward model's backbone and head as the value function V(s_t) (one scalar per token),
     plus the group classifier p_φ(g|x, y): a linear head on the last real token's hidden state."""
@@ -110,10 +84,12 @@ class Critic(reward.RewardModel):
         super().__init__(hf)
         self.group_head = torch.nn.Linear(hf.config.hidden_size, n_groups)
 
-    def forward(self, ids, mask):
+    def forward(self, ids, mask, group_at=None):
+        """V [B, T] and the group logits [B, M], read at the last real token (p_φ(g|x, y)), or at
+        column `group_at` (an int or one index per row), e.g. the last prompt token (p_φ(g|x))."""
         values, hidden = super().forward(ids, mask, return_hidden=True)
-        last = hidden[torch.arange(ids.shape[0], device=ids.device), reward.last_token_index(mask)]
-        return values, self.group_head(last).float()  # V [B, T], group logits [B, M]
+        at = reward.last_token_index(mask) if group_at is None else group_at
+        return values, self.group_head(hidden[torch.arange(ids.shape[0], device=ids.device), at]).float()
 
 
 def load_critic(path, tokenizer, n_groups, seed=0):

@@ -356,6 +356,30 @@ def position_ids(mask):
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
+def logprob_of(z, tokens):
+    """log π(a|s) of `tokens` [...] under the logits z [..., V]: z_a − log Σ_a' exp(z_a'), without
+    writing out the whole log-softmax. The one formula for log-probs: the sampler, PPO and DPO/SFT."""
+    # log π(a|s) = z_a − log Σ_a' exp(z_a')
+    return z.gather(-1, tokens[..., None])[..., 0] - z.logsumexp(-1)
+
+
+def response_logprobs(model, ids, mask, first, temperature=1.0, with_entropy=False):
+    """log π(a_t|s_t) [B, T − first] of the tokens ids[:, first:] at temperature T, from one forward
+    pass that computes logits only at the positions that predict them (first − 1 … T − 2) and keeps
+    no KV cache; with_entropy, also the per-token entropy (no gradient, for logging; else None)."""
+    predicting = torch.arange(first - 1, ids.shape[1] - 1, device=ids.device)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
+                   logits_to_keep=predicting, use_cache=False).logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature  # the same T as in sampling (PPO_DETAILS 2)
+    logp = logprob_of(logits, ids[:, first:])
+    if not with_entropy:
+        return logp, None
+    with torch.no_grad():
+        ent = logits.logsumexp(-1) - (logits.softmax(-1) * logits).sum(-1)
+    return logp, ent
+
+
 # generate()'s KV cache per device type. dynamic: transformers' DynamicCache, grown by one position
 # per token. static: a StaticCache, allocated once and reused by later calls of the same shape.
 # compiled: a StaticCache and a torch.compile'd decode step (CUDA graphs: one replay per token in
@@ -479,14 +503,14 @@ def pick_token(logits, temperature, banned=None):
     it (the same ops in the same order, so the same seed gives the same tokens): float32 logits, the
     `banned` token (EOS, below min_new_tokens) set to −inf, divided by T, then softmax and a
     multinomial draw (`sample`), or argmax when T = 0. Also log π(token) at temperature T (T = 1 when greedy),
-    taken before the ban: the policy's own log-prob, which ppo_gi.response_logprobs recomputes."""
+    taken without the ban: the policy's own log-prob, which `response_logprobs` recomputes."""
     scaled = logits.float() / (temperature or 1.0)
-    # log π(a|s) = z_a − log Σ_a' exp(z_a'),  z = logits / T
-    lse = scaled.logsumexp(-1)
+    allowed = scaled
     if banned is not None:
-        scaled[:, banned] = -math.inf
-    token = sample(scaled.softmax(-1)) if temperature > 0 else scaled.argmax(-1)
-    return token, scaled.gather(-1, token[:, None])[:, 0] - lse
+        allowed = scaled.clone()
+        allowed[:, banned] = -math.inf
+    token = sample(allowed.softmax(-1)) if temperature > 0 else allowed.argmax(-1)
+    return token, logprob_of(scaled, token)
 
 
 def sample(probs):
@@ -547,8 +571,7 @@ def hf_generate(model, ids, mask, max_new_tokens, temperature, min_new_tokens, e
     response[after_eos] = pad_id  # truncate after the first EOS (PPO_DETAILS 4)
     if not logprobs:
         return response, None
-    z = torch.stack(out.logits, 1).float() / (temperature or 1.0)
-    logp = z.gather(-1, response[..., None])[..., 0] - z.logsumexp(-1)
+    logp = logprob_of(torch.stack(out.logits, 1).float() / (temperature or 1.0), response)
     return response, logp.masked_fill(after_eos, 0.0)
 
 

@@ -66,12 +66,15 @@ parser.add_argument("--kl_coef", type=float, default=0.05, help="η: KL penalty 
 parser.add_argument("--kl_estimator", choices=["k1", "k3"], default="k1", help="per-token KL estimate penalized and logged")
 parser.add_argument("--beta_policy", type=float, default=0.5, help="β_policy: weight of R_var in the policy loss: how far learning shifts from the best group to the worst (at β_policy·groups/weight_abs_mean > 1 the best group's PPO signal reverses)")
 parser.add_argument("--beta_critic", type=float, default=1.0, help="β_critic: weight of R_var / Var(G) (maximized, so scale-free) in the critic loss")
+parser.add_argument("--groups", choices=["inferred", "known"], default="inferred", help="inferred: the paper's p_φ(g|x,y), a head on the critic trained to maximize R_var; known: each record's `group` label as a one-hot p(g|x) (φ takes no step; M = the number of labels)")
+parser.add_argument("--group_input", choices=["response", "prompt"], default="response", help="what p_φ reads: the critic's hidden state at the last response token (the paper's p_φ(g|x,y)) or at the last prompt token (p_φ(g|x): groups of prompts)")
 parser.add_argument("--n_groups", type=int, default=2, help="M, the number of inferred groups")
 parser.add_argument("--min_group_frac", type=float, default=1.0, help="a group's mean divides by at least this · batch / M samples, so φ cannot isolate one outlier (0: the slide's raw soft mean)")
 parser.add_argument("--j_form", choices=["derived", "slide"], default="derived", help="J_i inside R_g: derived = value G_i (the return), θ-gradient of the PPO surrogate S_i (the chain rule); slide = Σ_t log π_θ·R_t taken as a value")
-parser.add_argument("--grad_cos", type=int, default=1, help="log groups/grad_cos, the cosine between the θ-gradients of the PPO and group terms (one extra backward per iteration; 0: off)")
+parser.add_argument("--grad_cos", type=int, default=0, help="diagnostic: log groups/grad_cos, the cosine between the θ-gradients of the PPO and group terms (costs one extra backward per iteration)")
 parser.add_argument("--no_gi", action="store_true", help="plain PPO: no group invariant term, p_high ≡ 1")
 parser.add_argument("--fixed_kl", action="store_true", help="keep group invariance, but p_high ≡ 1 (no adaptive KL)")
+parser.add_argument("--kl_weight", choices=["group", "rank"], default="group", help="per-sample KL weight: group = p_φ(g_high|x,y) (≡ 1 with --no_gi or --fixed_kl); rank = the rank of the sample's score in its rollout batch, scaled to [0, 1] (the adaptive KL with the groups collapsed onto reward level)")
 parser.add_argument("--gamma", type=float, default=1.0, help="GAE γ")
 parser.add_argument("--lam", type=float, default=0.95, help="GAE λ")
 parser.add_argument("--cliprange", type=float, default=0.2, help="PPO ratio clip ε")
@@ -144,6 +147,67 @@ def masked_whiten(x, mask, d):
     return (x - mean) * torch.rsqrt(var.clamp(min=1e-8)) * mask
 
 
+def rank_weights(scores, d):
+    """q_i ∈ [0, 1]: the rank of each sample's score within the whole rollout batch (all ranks),
+    0 for the lowest and 1 for the highest; tied scores share their mean rank (`--kl_weight rank`)."""
+    every = scores
+    if d.sharded:
+        parts = [torch.empty_like(scores) for _ in range(d.world)]
+        dist.all_gather(parts, scores.contiguous())
+        every = torch.cat(parts)
+    below = (every[None, :] < scores[:, None]).sum(-1)
+    ties = (every[None, :] == scores[:, None]).sum(-1)
+    # q_i = (#{j: s_j < s_i} + (#{j: s_j = s_i} − 1)/2) / (N − 1)
+    return (below + (ties - 1) / 2) / max(len(every) - 1, 1)
+
+
+def per_trajectory_terms(j_form, G, pg_per_token, n_tok, minibatch, new_logp, returns, r_mask):
+    """J_i [b], the per-trajectory term inside R_g(θ) for the θ step."""
+    if j_form == "derived":
+        # S_i(θ): trajectory i's clipped surrogate, scaled so that its mean over the global minibatch
+        # is the PPO objective −pg_loss (Σ_i,t over n_tok tokens): both terms share a scale
+        S = -pg_per_token.sum(-1) * minibatch / n_tok
+        # J_i = G_i + S_i − stopgrad(S_i): value G_i (the return), gradient ∇_θ S_i. Through R_g, R_var:
+        #   ∇_θ R_var = Σ_g ∂R_var/∂R_g · ∇_θ R_g = Σ_i w_i · ∇_θ S_i,   w_i = ∂R_var/∂G_i (groups.py)
+        return G.detach() + S - S.detach()
+    # --j_form slide: J_i = Σ_t log π_θ(a_t|s_t) · R_t  (R_t: the GAE return, detached)
+    return (new_logp * returns * r_mask).sum(-1)
+
+
+def policy_loss(new_logp, old_logp, adv, returns, r_mask, G, probs, *, n_tok, minibatch, cliprange, n_min,
+                j_form="derived", reduce=None):
+    """θ's two losses on one minibatch, a pure function of tensors (tests check it by hand):
+    the clipped surrogate, a per-token mean over the global minibatch of n_tok response tokens
+    (PPO_DETAILS 11), and R_var(θ, φ) of the terms J_i with p(g|x, y) fixed (`probs`, no gradient),
+    whose θ-gradient is the group invariant term. `reduce` sums the group sums over ranks.
+    Returns (pg_loss, r_var, J, ratio, per-token surrogate)."""
+    ratio = (new_logp - old_logp).exp()
+    # L^CLIP(θ) = E_t[max(−A_t·ρ_t, −A_t·clip(ρ_t, 1 − ε, 1 + ε))],  ρ_t = π_θ(a_t|s_t) / π_θold(a_t|s_t)
+    pg_per_token = torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - cliprange, 1 + cliprange)) * r_mask
+    pg_loss = pg_per_token.sum() / n_tok
+    J = per_trajectory_terms(j_form, G, pg_per_token, n_tok, minibatch, new_logp, returns, r_mask)
+    # R_g(θ) = Σ_i p(g|x_i,y_i)·J_i / max(Σ_i p(g|x_i,y_i), n_min);  R_var(θ, φ) = Var(R_g1(θ), …, R_gM(θ))
+    r_var = groups.variance_penalty(groups.group_returns(J, probs.detach(), reduce, n_min))
+    return pg_loss, r_var, J, ratio, pg_per_token
+
+
+def critic_loss(v, old_v, returns, r_mask, j_phi, p_phi, *, n_tok, cliprange_value, n_min, reduce=None):
+    """The critic's two losses on one minibatch, a pure function of tensors: the clipped value loss,
+    a per-token mean over the global minibatch (PPO_DETAILS 11), and φ's objective R_var of the
+    detached terms j_phi under the critic's own p_φ, divided by their variance over the minibatch so
+    that β_critic means the same at any reward scale. Returns (vf_loss, r_var_phi)."""
+    v_clipped = old_v + torch.clamp(v - old_v, -cliprange_value, cliprange_value)
+    # L^V(V) = ½·max((V(s_t) − R_t)², (V_clip(s_t) − R_t)²),  V_clip = V_old + clip(V − V_old, −ε_V, ε_V)
+    vf_loss = (0.5 * torch.max((v - returns) ** 2, (v_clipped - returns) ** 2) * r_mask).sum() / n_tok
+    j_phi = j_phi.detach()
+    moments = torch.stack([torch.ones_like(j_phi).sum(), j_phi.sum(), (j_phi ** 2).sum()])
+    n, total, squares = reduce(moments) if reduce is not None else moments
+    var_j = squares / n - (total / n) ** 2
+    # φ: max R_var(θ, φ) = Var(R_g1, …, R_gM), R_g = Σ_i p_φ(g|x_i,y_i)·J_i / max(Σ_i p_φ(g|x_i,y_i), n_min)
+    r_var_phi = groups.variance_penalty(groups.group_returns(j_phi, p_phi, reduce, n_min)) / (var_j + 1e-8)
+    return vf_loss, r_var_phi
+
+
 def global_min(x, d):
     """The smallest element over all ranks, as a float."""
     x = x.min().detach().clone()
@@ -161,7 +225,7 @@ def global_sum(x, d):
 
 
 # ----------------------------------------------------------------------------------------------
-# Boilerplate: forward passes on prompt + response, running reward scale
+# Boilerplate: the scorer, running reward scale, rollout and update loops
 # ----------------------------------------------------------------------------------------------
 class RunningStd:
     """Running std of the scores, merged across ranks and kept across iterations (PPO_DETAILS 8)."""
@@ -185,23 +249,24 @@ class RunningStd:
         return std if std > 1e-6 else 1.0  # every score so far the same: nothing to scale by
 
 
-def response_logprobs(model, ids, mask, prompt_len, temperature, with_entropy=False):
-    """log π(a_t|s_t) of the response tokens [B, R] at temperature T, and, with_entropy, the
-    per-token entropy [B, R] (no gradient, for logging; else None). Only the logits that predict a
-    response token are computed (positions P−1 … T−2), and no KV cache is kept."""
-    predicting = torch.arange(prompt_len - 1, ids.shape[1] - 1, device=ids.device)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=plumbing.position_ids(mask),
-                   logits_to_keep=predicting, use_cache=False).logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature  # the same T as in sampling (PPO_DETAILS 2)
-    # log π(a|s) = logit_a − log Σ_a' exp(logit_a'), without materializing the full log-softmax
-    lse = logits.logsumexp(-1)
-    logp = logits.gather(-1, ids[:, prompt_len:, None]).squeeze(-1) - lse
-    if not with_entropy:
-        return logp, None
-    with torch.no_grad():
-        ent = lse - (logits.softmax(-1) * logits).sum(-1)
-    return logp, ent
+def load_scorer(spec, tokenizer, d, bf16):
+    """r_ψ as one callable, scorer(prompts, texts, ids, mask) -> raw scores [b], with scorer.center,
+    the value subtracted before scaling. 'gold': the built-in task's gold judge (scores in [0, 1],
+    centre 0.5). Else a reward model directory: the scalar at each sequence's last real token,
+    centred by the RM's mean score on its training pairs (its reward_stats.json)."""
+    if spec == "gold":
+        def scorer(prompts, texts, ids, mask):
+            return torch.tensor([data.gold_score(p, t) for p, t in zip(prompts, texts)], device=ids.device)
+        scorer.center = 0.5
+        return scorer
+    rm = plumbing.shard(reward.load_reward_model(spec, tokenizer).eval(), d, bf16=bf16).requires_grad_(False)
+    with open(os.path.join(spec, "reward_stats.json")) as f:
+        center = json.load(f)["mean"]
+
+    def scorer(prompts, texts, ids, mask):
+        return reward.sequence_rewards(rm, ids, mask)
+    scorer.center = center
+    return scorer
 
 
 def shape_scores(args, d, centered, has_eos, running, it):
@@ -222,8 +287,19 @@ def shape_scores(args, d, centered, has_eos, running, it):
     return scores
 
 
-def rollout(args, d, policy, reference, critic, scorer, tokenizer, prompts, it, running):
-    """Steps 1–5 of the algorithm box on this rank's prompts; returns a dict of [b, …] tensors."""
+def group_probs(args, critic, ids, mask, P, labels):
+    """p(g|x, y) [b, M] and the critic's values [b, T]: the one-hot of the known labels
+    (`--groups known`), or p_φ from the critic's group head, read at the last response token
+    (p_φ(g|x, y)) or at the last prompt token (`--group_input prompt`: p_φ(g|x))."""
+    values, group_logits = critic(ids, mask, group_at=P - 1 if args.group_input == "prompt" else None)
+    if args.groups == "known":
+        return values, torch.nn.functional.one_hot(labels, args.n_groups).float()
+    return values, group_logits.softmax(-1)
+
+
+def rollout(args, d, policy, reference, critic, scorer, tokenizer, prompts, it, running, labels=None):
+    """Steps 1–5 of the algorithm box on this rank's prompts; returns a dict of [b, …] tensors.
+    `labels` [b]: each prompt's group index under --groups known (else None)."""
     policy.eval()
     t0 = time.perf_counter()
     # 1. sample: the data order is the same on every rank, the sampling seed differs per rank
@@ -241,31 +317,25 @@ def rollout(args, d, policy, reference, critic, scorer, tokenizer, prompts, it, 
     ids = torch.cat([q_ids, resp], 1).to(d.device)
     mask = torch.cat([q_mask, r_mask], 1).to(d.device)
     r_mask, P = r_mask.to(d.device).float(), q_ids.shape[1]
+    if labels is not None:
+        labels = labels.to(d.device)
     with torch.no_grad():
         # 2. score; scale by the running std; no EOS → below every finished response (PPO_DETAILS 5)
-        if scorer == "gold":
-            raw = torch.tensor([data.gold_score(p, t) for p, t in zip(prompts, texts)], device=d.device)
-            center = 0.5  # gold scores lie in [0, 1]
-        else:
-            raw = reward.sequence_rewards(scorer, ids, mask)
-            center = scorer.stats["mean"]  # the RM's mean score on its training pairs (reward_stats.json)
-        scores = shape_scores(args, d, raw - center, has_eos.to(d.device), running, it)
-        # 3. old log-probs, reference log-probs, values, group probabilities. The old log π_θ(a_t|s_t) are
-        # the sampler's own: the same weights at the same temperature T (PPO_DETAILS 2), from the logits
-        # each token was drawn from, so a second policy forward over prompt + response would give them
-        # again (in fp32 to ~1e-6, tests/test_generate.py). Under bf16 autocast (CUDA) the cached decode
-        # and the full forward round differently, so the first epoch's ratio π_θ/π_old is off 1 by that
-        # rounding before any update: on an H100, random-init GPT-2 (2 layers) and Llama (135M shape),
-        # |Δ log π| was 1e-4 to 4e-4 on average, 8e-3 at most: well inside the clip ε = 0.2.
+        raw = scorer(prompts, texts, ids, mask)
+        scores = shape_scores(args, d, raw - scorer.center, has_eos.to(d.device), running, it)
+        # 3. old log-probs (the sampler's own, PPO_DETAILS 2: the same weights and T), reference
+        # log-probs, values, group probabilities
         logp = sampler_logp.to(d.device)
-        ref_logp, _ = response_logprobs(reference, ids, mask, P, args.temperature)
-        values, group_logits = critic(ids, mask)
+        ref_logp, _ = plumbing.response_logprobs(reference, ids, mask, P, args.temperature)
+        values, probs = group_probs(args, critic, ids, mask, P, labels)
         values = values[:, P - 1:-1]
-        probs = group_logits.softmax(-1)
         # g_high: the group with the highest soft mean of the scalar score, recomputed each batch
         g_high = groups.high_group(scores, probs, lambda x: plumbing.all_reduce_sum(x, d),
                                    args.min_group_frac * args.rollout_batch / args.n_groups)
-        p_high = torch.ones_like(scores) if (args.no_gi or args.fixed_kl) else probs[:, g_high]
+        if args.kl_weight == "rank":
+            p_high = rank_weights(scores, d)
+        else:
+            p_high = torch.ones_like(scores) if (args.no_gi or args.fixed_kl) else probs[:, g_high]
         # 4. token rewards with the adaptive KL penalty
         kl = kl_per_token(logp, ref_logp, args.kl_estimator) * r_mask
         rewards = adaptive_kl_rewards(scores, kl, r_mask, p_high, args.kl_coef)
@@ -279,19 +349,6 @@ def rollout(args, d, policy, reference, critic, scorer, tokenizer, prompts, it, 
                 probs=probs, scores=scores, raw=raw, seq_returns=seq_returns, kl=kl, rewards=rewards, p_high=p_high, g_high=g_high,
                 has_eos=has_eos.float(), texts=texts, prompts=prompts, P=P,
                 perf={"perf/gen_s": t_gen, "perf/score_s": time.perf_counter() - t0 - t_gen})
-
-
-def per_trajectory_terms(j_form, G, pg_per_token, n_tok, minibatch, new_logp, returns, r_mask):
-    """J_i [b], the per-trajectory term inside R_g(θ) for the θ step."""
-    if j_form == "derived":
-        # S_i(θ): trajectory i's clipped surrogate, scaled so that its mean over the global minibatch
-        # is the PPO objective −pg_loss (Σ_i,t over n_tok tokens): both terms share a scale
-        S = -pg_per_token.sum(-1) * minibatch / n_tok
-        # J_i = G_i + S_i − stopgrad(S_i): value G_i (the return), gradient ∇_θ S_i. Through R_g, R_var:
-        #   ∇_θ R_var = Σ_g ∂R_var/∂R_g · ∇_θ R_g = Σ_i w_i · ∇_θ S_i,   w_i = ∂R_var/∂G_i (groups.py)
-        return G.detach() + S - S.detach()
-    # --j_form slide: J_i = Σ_t log π_θ(a_t|s_t) · R_t  (R_t: the GAE return, detached)
-    return (new_logp * returns * r_mask).sum(-1)
 
 
 def optimizer_step(loss, model, optimizer, log_stats, backward=True):
@@ -339,27 +396,23 @@ def ppo_update(args, d, policy, critic, opt_policy, opt_critic, batch, log_stats
         # rank's samples, the same on all ranks (PPO_DETAILS 14).
         order = torch.arange(n_local) if epoch == 0 else torch.randperm(n_local, generator=gen)
         for k, idx in enumerate(order.chunk(n_mb)):
-            ids, mask, r_mask, P = batch["ids"][idx], batch["mask"][idx], batch["r_mask"][idx], batch["P"]
+            mb = {key: batch[key][idx] for key in ("ids", "mask", "r_mask", "advantages", "logp", "probs", "values",
+                                                   "returns", "seq_returns")}
+            ids, mask, r_mask, P = mb["ids"], mb["mask"], mb["r_mask"], batch["P"]
             n_tok = plumbing.all_reduce_sum(r_mask.sum().clone(), d)  # response tokens, all ranks
-            adv, old_logp, probs = batch["advantages"][idx], batch["logp"][idx], batch["probs"][idx]
             # G_i: trajectory i's scalar return Σ_t γ^t·r_t, centred on the minibatch mean. R_var does not
             # depend on where zero is, except through the floor n_min, which should shrink a small group's
             # R_g towards the batch mean, not towards 0.
-            G = groups.centered(batch["seq_returns"][idx], reduce)
-            new_logp, ent = response_logprobs(policy, ids, mask, P, args.temperature, with_entropy=True)
-            ratio = (new_logp - old_logp).exp()
+            G = groups.centered(mb["seq_returns"], reduce)
 
-            # Policy loss: the clipped surrogate, a per-token mean over the global minibatch
-            pg_loss1 = -adv * ratio
-            pg_loss2 = -adv * torch.clamp(ratio, 1 - args.cliprange, 1 + args.cliprange)
-            pg_per_token = torch.max(pg_loss1, pg_loss2) * r_mask
-            pg_loss = pg_per_token.sum() / n_tok
-
-            # Group invariant term: R_var(θ, φ) with p_φ fixed (the rollout's probabilities, detached)
-            J = per_trajectory_terms(args.j_form, G, pg_per_token, n_tok, args.minibatch,
-                                     new_logp, batch["returns"][idx], r_mask)
-            # R_g(θ) = Σ_i p_φ(g|x_i,y_i)·J_i / max(Σ_i p_φ(g|x_i,y_i), n_min);  R_var(θ, φ) = Var(R_g1..R_gM)
-            r_var_theta = groups.variance_penalty(groups.group_returns(J, probs.detach(), reduce, n_min))
+            # θ step: the clipped surrogate + β_policy·R_var(θ, φ), p(g|x, y) the rollout's (fixed)
+            new_logp, ent = plumbing.response_logprobs(policy, ids, mask, P, args.temperature, with_entropy=True)
+            pg_loss, r_var_theta, J, ratio, _ = policy_loss(
+                new_logp, mb["logp"], mb["advantages"], mb["returns"], r_mask, G, mb["probs"], n_tok=n_tok,
+                minibatch=args.minibatch, cliprange=args.cliprange, n_min=n_min, j_form=args.j_form, reduce=reduce)
+            # w_i = ∂R_var/∂J_i, for the log: how strongly the group term re-weights trajectory i (the
+            # differentiable group sums add every rank's share of the gradient, hence / world)
+            w = torch.autograd.grad(r_var_theta, J, retain_graph=True)[0] / d.world
             # ∇_θ: E[Σ_t ∇ log π_θ(a_t|s_t) R_t] − β_policy · ∇_θ R_var(θ, φ), as a loss to descend.
             # × d.world: FSDP2 averages gradients over ranks, and pg_loss is already a mean over the global
             # minibatch (n_tok counts every rank's tokens). R_var needs no factor: its all-reduced group sums
@@ -371,27 +424,17 @@ def ppo_update(args, d, policy, critic, opt_policy, opt_critic, batch, log_stats
             else:
                 optimizer_step(pg_loss * d.world + gi_loss, policy, opt_policy, log_stats)
 
-            # Value loss: clipped, a per-token mean over the global minibatch
-            values, group_logits = critic(ids, mask)
-            v = values[:, P - 1:-1]
-            old_v, returns = batch["values"][idx], batch["returns"][idx]
-            v_loss_unclipped = (v - returns) ** 2
-            v_clipped = old_v + torch.clamp(v - old_v, -args.cliprange_value, args.cliprange_value)
-            v_loss_clipped = (v_clipped - returns) ** 2
-            vf_loss = (0.5 * torch.max(v_loss_unclipped, v_loss_clipped) * r_mask).sum() / n_tok
-
-            # Group inference: φ ascends R_var of the detached per-trajectory terms (θ fixed). Divided by
-            # the minibatch variance of those terms, so β_critic means the same at any reward scale.
-            j_phi = G if args.j_form == "derived" else J.detach()
-            moments = torch.stack([torch.ones_like(j_phi).sum(), j_phi.sum(), (j_phi ** 2).sum()])
-            n, total, squares = plumbing.all_reduce_sum(moments, d)
-            var_j = squares / n - (total / n) ** 2
-            p_phi = group_logits.softmax(-1)
-            r_var_phi = groups.variance_penalty(groups.group_returns(j_phi, p_phi, reduce, n_min)) / (var_j + 1e-8)
-            critic_loss = vf_loss * d.world - (args.beta_critic * r_var_phi if gi else 0.0)
-            optimizer_step(critic_loss, critic, opt_critic, log_stats)
+            # critic step: the clipped value loss − β_critic·R_var (θ's terms detached): φ ascends R_var.
+            # With known groups there is no φ: the labels stand in for it, and only the values learn.
+            values, p_phi = group_probs(args, critic, ids, mask, P, mb["probs"].argmax(-1))
+            vf_loss, r_var_phi = critic_loss(values[:, P - 1:-1], mb["values"], mb["returns"], r_mask,
+                                             G if args.j_form == "derived" else J, p_phi, n_tok=n_tok,
+                                             cliprange_value=args.cliprange_value, n_min=n_min, reduce=reduce)
+            phi_learns = gi and args.groups == "inferred"
+            optimizer_step(vf_loss * d.world - (args.beta_critic * r_var_phi if phi_learns else 0.0), critic, opt_critic, log_stats)
 
             with torch.no_grad():
+                old_logp, v, old_v = mb["logp"], values[:, P - 1:-1], mb["values"]
                 sums = torch.stack([
                     pg_loss * n_tok, vf_loss * n_tok,
                     (0.5 * (new_logp - old_logp) ** 2 * r_mask).sum(),                    # policy/approxkl
@@ -401,7 +444,6 @@ def ppo_update(args, d, policy, critic, opt_policy, opt_critic, batch, log_stats
                 sums = plumbing.all_reduce_sum(sums, d) / n_tok
                 # |w_i| relative to the PPO term's weight 1/B per trajectory: where β_policy·B·|w_i| > 1,
                 # the group term outweighs PPO and reverses a best-group trajectory's update
-                w = groups.variance_weights(G, probs, n_min, reduce)
                 w_abs = plumbing.all_reduce_sum(torch.stack([w.abs().sum(), torch.ones_like(w).sum()]), d)
             names = ["policy/loss", "val/loss", "policy/approxkl", "policy/clipfrac", "policy/entropy", "val/clipfrac"]
             for name, value in zip(names, sums.tolist()):
@@ -460,25 +502,22 @@ def main(args):
     bf16 = bool(args.bf16) if args.bf16 is not None else d.device.type == "cuda"
     plumbing.seed_everything(args.seed)
     ckpt = plumbing.find_checkpoint(os.path.join(args.out, "checkpoint")) if args.resume else None
-    prompts = [x["prompt"] for x in data.load_prompts(args.data, args.split)]
+    records = data.load_prompts(args.data, args.split, need_group=args.groups == "known")
+    prompts, labels = [x["prompt"] for x in records], None
+    if args.groups == "known":  # label → index from the sorted names: the same on every rank
+        names = data.group_names(records)
+        args.n_groups = len(names)
+        labels = torch.tensor([names.index(x["group"]) for x in records])
     tokenizer = plumbing.load_tokenizer(args.sft)
     policy = plumbing.load_model(os.path.join(ckpt, "policy") if ckpt else args.sft, tokenizer)
     reference = plumbing.load_model(args.sft, tokenizer)
     critic_source = os.path.join(ckpt, "critic") if ckpt else (args.sft if args.reward == "gold" else args.reward)
     critic = groups.load_critic(critic_source, tokenizer, args.n_groups, seed=args.seed)
-    if args.reward == "gold":
-        scorer = "gold"
-    else:
-        scorer = reward.load_reward_model(args.reward, tokenizer)
-        with open(os.path.join(args.reward, "reward_stats.json")) as f:
-            scorer.stats = json.load(f)
     # dropout off everywhere (PPO_DETAILS 1): every model stays in eval mode, gradients still flow
-    for model in (policy, reference, critic) + ((scorer,) if scorer != "gold" else ()):
-        model.eval()
-        plumbing.shard(model, d, bf16=bf16)
+    for model in (policy, reference, critic):
+        plumbing.shard(model.eval(), d, bf16=bf16)
     reference.requires_grad_(False)
-    if scorer != "gold":
-        scorer.requires_grad_(False)
+    scorer = load_scorer(args.reward, tokenizer, d, bf16)
     opt_policy = plumbing.optimizer(policy, args.lr)  # AdamW, fused on CUDA
     opt_critic = plumbing.optimizer(critic, args.critic_lr)
     models, optimizers = {"policy": policy, "critic": critic}, {"policy": opt_policy, "critic": opt_critic}
@@ -492,11 +531,15 @@ def main(args):
             "GI-PPO" + (" (fixed KL)" if args.fixed_kl else "") + (" (β_policy = 0)" if args.beta_policy == 0 else "")
         print(f"ppo_gi: {variant} from {args.sft} with reward {args.reward} on {args.data}/{args.split} "
               f"({len(prompts)} prompts), {d.world} process(es), iterations {first}..{args.steps}")
+        if labels is not None:
+            print("ppo_gi: known groups " + ", ".join(f"{g}={name}" for g, name in enumerate(names)))
 
     bar = plumbing.progress(range(first, args.steps), d, initial=first, total=args.steps, desc="ppo")
     for it in bar:
         idx = plumbing.batch_indices(it, args.rollout_batch, len(prompts), args.seed)
-        batch = rollout(args, d, policy, reference, critic, scorer, tokenizer, [prompts[i] for i in idx[d.rank::d.world]], it, running)
+        mine = idx[d.rank::d.world]
+        batch = rollout(args, d, policy, reference, critic, scorer, tokenizer, [prompts[i] for i in mine], it, running,
+                        labels=None if labels is None else labels[mine])
         stats, t_train = {}, time.perf_counter()
         ppo_update(args, d, policy, critic, opt_policy, opt_critic, batch, stats, it)
         perf = {**batch["perf"], "perf/train_s": time.perf_counter() - t_train, "perf/peak_rss_mb": plumbing.peak_rss_mb()}

@@ -80,16 +80,9 @@ def make_batch(examples, pad_id):
 
 def sequence_logprobs(model, ids, mask, loss_mask):
     """log π(y | x) per row: the summed log-probs of the response tokens (loss_mask 1), and their count.
-    Logits are computed only at the positions that predict a token from the batch's first response
-    token on (`logits_to_keep`): the LM head's [B, T, V] output over the prompt, and at the last
-    position, would be thrown away (and slicing it would copy it)."""
+    Logits are computed only from the batch's first response token on (plumbing.response_logprobs)."""
     first = max(1, int(loss_mask.argmax(-1).min()))  # earliest response token in the batch (argmax: the first 1)
-    positions = torch.arange(first - 1, ids.shape[1] - 1, device=ids.device)  # they predict tokens first .. T-1
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=plumbing.position_ids(mask),
-                   use_cache=False, logits_to_keep=positions).logits  # use_cache=False: no KV cache to build
-    # log π(a_t | s_t); z[a] − logsumexp(z) would skip writing out log_softmax, but on CPU its backward makes
-    # more [B, T, V] temporaries (measured: +20 MB peak RSS on the DPO benchmark, no faster)
-    logp = torch.log_softmax(logits.float(), -1).gather(-1, ids[:, first:, None]).squeeze(-1)
+    logp, _ = plumbing.response_logprobs(model, ids, mask, first)
     weights = loss_mask[:, first:].float()
     return (logp * weights).sum(-1), weights.sum(-1)
 

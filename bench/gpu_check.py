@@ -115,7 +115,7 @@ def packed_demos(tokenizer, assets, path, max_len, n=256):
     """SFT demos of at least max_len tokens: several HH transcripts before the last one's prompt
     (the prompt is cut from the left to fit, so every example is exactly max_len tokens)."""
     import data
-    pairs = data.load_pairs(os.path.join(assets, HH), "test")
+    pairs = data.load_pairs(os.path.join(assets, HH), "all")
     demos, context, i = [], "", 0
     while len(demos) < n and i < 50 * n:
         p = pairs[i % len(pairs)]
@@ -162,17 +162,17 @@ def stage_command(stage, size, work, assets, cfg, load):
     if stage in ("sft", "sft_compiled"):
         batch, accum, steps = load["sft"]
         return ["sft.py", "--model", os.path.join(work, size, "init"), "--data", os.path.join(work, "packed"),
-                "--split", "test[16:]", "--eval_split", "test[:16]", "--out", out, "--steps", str(steps),
+                "--split", "all[16:]", "--eval_split", "all[:16]", "--out", out, "--steps", str(steps),
                 "--batch_size", str(batch), "--grad_accum", str(accum), "--gold_prompts", "0",
                 "--compile", str(int(stage == "sft_compiled")), *common], out
     if stage == "rm":
         batch, accum, steps = load["rm"]
-        return ["reward.py", "--sft", os.path.join(work, size, "sft"), "--data", hh, "--split", "test[32:]",
-                "--eval_split", "test[:32]", "--out", out, "--steps", str(steps), "--batch_size", str(batch),
+        return ["reward.py", "--sft", os.path.join(work, size, "sft"), "--data", hh, "--split", "all[32:]",
+                "--eval_split", "all[:32]", "--out", out, "--steps", str(steps), "--batch_size", str(batch),
                 "--grad_accum", str(accum), "--stats_pairs", "64", *common], out
     minibatch, iterations = load["ppo"]
     return ["ppo_gi.py", "--sft", os.path.join(work, size, "sft"), "--reward", os.path.join(work, size, "rm"),
-            "--data", hh, "--split", "test", "--out", out, "--steps", str(iterations), "--rollout_batch", str(cfg["rollout"]),
+            "--data", hh, "--split", "all", "--out", out, "--steps", str(iterations), "--rollout_batch", str(cfg["rollout"]),
             "--minibatch", str(minibatch), "--max_new_tokens", str(cfg["new_tokens"]), "--max_prompt_len", str(cfg["max_len"] - cfg["new_tokens"]),
             "--save_every", "0", "--eval_prompts", "0", "--log_every", "1", "--grad_cos", "0",
             "--generate_cache", "compiled" if stage == "gi_ppo_compiled" else "dynamic"], out
@@ -225,7 +225,7 @@ def measure_generate(model_dir, assets, cfg):
     d = plumbing.init_distributed()  # the GPU when there is one (a bare Dist() is the CPU)
     tokenizer = plumbing.load_tokenizer(model_dir)
     model = plumbing.shard(plumbing.load_model(model_dir, tokenizer), d, bf16=d.device.type == "cuda").eval()
-    prompts = [x["prompt"] for x in data.load_prompts(os.path.join(assets, HH), "test")][:cfg["rollout"]]
+    prompts = [x["prompt"] for x in data.load_prompts(os.path.join(assets, HH), "all")][:cfg["rollout"]]
     for impl, kind in [("hf", "dynamic")] + [("loop", k) for k in CACHE_KINDS]:
         try:
             times = []

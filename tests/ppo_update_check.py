@@ -14,20 +14,26 @@ import groups  # noqa: E402
 import plumbing  # noqa: E402
 import ppo_gi  # noqa: E402
 
-sft_dir, out = sys.argv[1], sys.argv[2]
+sft_dir, out = sys.argv[1], sys.argv[2]  # then any extra ppo_gi.py flags, e.g. --groups known
 args = ppo_gi.parser.parse_args(["--sft", sft_dir, "--reward", "gold", "--rollout_batch", "8", "--minibatch", "4",
-                                 "--ppo_epochs", "1", "--max_new_tokens", "8", "--beta_policy", "1.0"])
+                                 "--ppo_epochs", "1", "--max_new_tokens", "8", "--beta_policy", "1.0", "--grad_cos", "1"] + sys.argv[3:])
 tok = plumbing.load_tokenizer(sft_dir)
+records = data.load_prompts("toy", "rl[:8]")
+labels = None
+if args.groups == "known":
+    names = data.group_names(records)
+    args.n_groups, labels = len(names), torch.tensor([names.index(x["group"]) for x in records])
 policy, reference = plumbing.load_model(sft_dir, tok).eval(), plumbing.load_model(sft_dir, tok).eval()
-critic = groups.load_critic(sft_dir, tok, 2, seed=0).eval()
-prompts = [x["prompt"] for x in data.load_prompts("toy", "rl[:8]")]
-batch = ppo_gi.rollout(args, plumbing.Dist(), policy, reference, critic, "gold", tok, prompts, 0, ppo_gi.RunningStd())
+critic = groups.load_critic(sft_dir, tok, args.n_groups, seed=0).eval()
+scorer = ppo_gi.load_scorer("gold", tok, plumbing.Dist(), False)
+batch = ppo_gi.rollout(args, plumbing.Dist(), policy, reference, critic, scorer, tok, [x["prompt"] for x in records], 0,
+                       ppo_gi.RunningStd(), labels=labels)
 
 d = plumbing.init_distributed()
 for m in (policy, critic):
     plumbing.shard(m, d)
 # greedy generation on the sharded model (PPO_DETAILS 16): compared with the unsharded run by the test
-generated = plumbing.generate(policy, tok, prompts[:6], max_new_tokens=8)[3]
+generated = plumbing.generate(policy, tok, [x["prompt"] for x in records[:6]], max_new_tokens=8)[3]
 mine = torch.arange(8)[d.rank::d.world]
 share = {k: (v[mine] if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in batch.items()}
 # SGD, not Adam: Adam's first step is lr·sign(g) and would hide a gradient off by a constant factor

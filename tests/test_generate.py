@@ -1,6 +1,6 @@
 """plumbing.generate's hand-written sampling loop: the same tokens as transformers' generate
 (greedy, and sampled with the same seed), min_new_tokens, per-token log-probs that equal a
-recomputation by ppo_gi.response_logprobs, and the static KV cache. A tiny random model whose EOS
+recomputation by plumbing.response_logprobs, and the static KV cache. A tiny random model whose EOS
 logit is scaled up, so that rows finish at different steps."""
 import pytest
 import torch
@@ -78,7 +78,7 @@ def test_sampler_logprobs_equal_a_recomputation(tok_model_prompts, temperature, 
         r_mask = ppo_gi.response_mask(resp, tok.eos_token_id)
         ids, mask = torch.cat([q_ids, resp], 1), torch.cat([q_mask, r_mask], 1)
         with torch.no_grad():
-            again, _ = ppo_gi.response_logprobs(model, ids, mask, q_ids.shape[1], temperature or 1.0)
+            again, _ = plumbing.response_logprobs(model, ids, mask, q_ids.shape[1], temperature or 1.0)
         assert logp.dtype == torch.float32 and logp.shape == resp.shape
         assert (logp - again)[r_mask.bool()].abs().max() <= 1e-5
         assert (logp[~r_mask.bool()] == 0).all() and (logp[r_mask.bool()] < 0).all()

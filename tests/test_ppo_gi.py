@@ -106,7 +106,7 @@ def rollout_batch(toy_sft_dir):
     policy, reference = plumbing.load_model(toy_sft_dir, tok).eval(), plumbing.load_model(toy_sft_dir, tok).eval()
     critic = groups.load_critic(toy_sft_dir, tok, 2, seed=0).eval()
     prompts = [x["prompt"] for x in data.load_prompts("toy", "rl[:16]")]
-    batch = ppo_gi.rollout(args, plumbing.Dist(), policy, reference, critic, "gold", tok, prompts, 0, ppo_gi.RunningStd())
+    batch = ppo_gi.rollout(args, plumbing.Dist(), policy, reference, critic, ppo_gi.load_scorer("gold", tok, plumbing.Dist(), False), tok, prompts, 0, ppo_gi.RunningStd())
     return args, policy, critic, batch
 
 
@@ -115,7 +115,7 @@ def test_rollout_old_logprobs_are_the_samplers_and_equal_a_recomputation(rollout
     two agree, so the first PPO epoch's ratio starts at 1."""
     args, policy, _, batch = rollout_batch
     with torch.no_grad():
-        again, _ = ppo_gi.response_logprobs(policy, batch["ids"], batch["mask"], batch["P"], args.temperature)
+        again, _ = plumbing.response_logprobs(policy, batch["ids"], batch["mask"], batch["P"], args.temperature)
     r_mask = batch["r_mask"].bool()
     assert (batch["logp"] - again)[r_mask].abs().max() <= 1e-5 and (batch["logp"][~r_mask] == 0).all()
     assert batch["mask"][:, 0].any()  # no column of padding in every row
@@ -129,7 +129,7 @@ def test_phi_step_raises_r_var_and_each_step_gradient_stays_with_its_player(roll
     # θ step: p_φ fixed (detached) -> no gradient reaches the critic / group head
     with torch.no_grad():
         probs = critic(ids, mask)[1].softmax(-1)
-    new_logp, _ = ppo_gi.response_logprobs(policy, ids, mask, batch["P"], args.temperature)
+    new_logp, _ = plumbing.response_logprobs(policy, ids, mask, batch["P"], args.temperature)
     pg = -batch["advantages"] * (new_logp - batch["logp"]).exp() * r_mask
     J = ppo_gi.per_trajectory_terms("derived", G, pg, r_mask.sum(), len(G), new_logp, batch["returns"], r_mask)
     assert torch.allclose(J, G, atol=1e-6)  # its value is the return (up to float32 rounding of G + S − S) ...
@@ -152,6 +152,18 @@ def test_phi_step_raises_r_var_and_each_step_gradient_stays_with_its_player(roll
     assert phi_after.item() > phi.item()
 
 
+def variance_weights(returns, probs, n_min=0.0, eps=1e-8):
+    """The group term's gradient written the other way, by hand (the code takes it by autograd through
+    J_i = G_i + S_i − stopgrad(S_i)): w_i = ∂R_var/∂G_i with R_g and R_var as groups.py defines them.
+        R_g = Σ_i p_ig·G_i / D_g,  D_g = max(Σ_i p_ig, n_min);  R_var = (1/M)·Σ_g (R_g − R̄)²
+        ∂R_var/∂R_g = (2/M)·(R_g − R̄)  (the terms through R̄ sum to zero),  ∂R_g/∂G_i = p_ig / D_g
+        w_i = (2/M)·Σ_g (R_g − R̄)·p_ig / D_g"""
+    returns, probs = returns.detach(), probs.detach()
+    denom = probs.sum(0).clamp(min=n_min) + eps
+    r_g = (probs * returns[:, None]).sum(0) / denom
+    return (probs * (2.0 / len(r_g) * (r_g - r_g.mean()) / denom)[None, :]).sum(-1)
+
+
 @pytest.mark.parametrize("soft", [False, True])
 @pytest.mark.parametrize("n_min", [0.0, 5.0])
 def test_variance_weights_equal_autograd_of_r_var_in_the_returns(soft, n_min):
@@ -162,7 +174,7 @@ def test_variance_weights_equal_autograd_of_r_var_in_the_returns(soft, n_min):
         probs = torch.nn.functional.one_hot(probs.argmax(-1), 3).double()
     assert probs.sum(0).min() < 5.0  # the floor n_min = 5 binds for at least one group
     groups.variance_penalty(groups.group_returns(returns, probs, min_size=n_min)).backward()
-    w = groups.variance_weights(returns, probs, n_min)
+    w = variance_weights(returns, probs, n_min)
     assert torch.allclose(w, returns.grad, atol=1e-12) and not w.requires_grad
 
 
@@ -176,7 +188,7 @@ def test_theta_group_term_gradient_is_the_weighted_sum_of_surrogate_gradients(ro
     for form in ("magic box", "explicit"):
         for p in policy.parameters():
             p.grad = None
-        new_logp, _ = ppo_gi.response_logprobs(policy, ids, mask, batch["P"], args.temperature)
+        new_logp, _ = plumbing.response_logprobs(policy, ids, mask, batch["P"], args.temperature)
         ratio = (new_logp - batch["logp"]).exp()
         adv = batch["advantages"]
         pg = torch.max(-adv * ratio, -adv * ratio.clamp(0.8, 1.2)) * r_mask
@@ -186,7 +198,7 @@ def test_theta_group_term_gradient_is_the_weighted_sum_of_surrogate_gradients(ro
             groups.variance_penalty(groups.group_returns(J, probs, min_size=4.0)).backward()
         else:
             S = -pg.sum(-1) * len(G) / n_tok
-            (groups.variance_weights(G, probs, 4.0) * S).sum().backward()
+            (variance_weights(G, probs, 4.0) * S).sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None]))
     scale = grads[0].abs().max()  # float32: equal up to rounding
     assert scale > 0 and (grads[0] - grads[1]).abs().max() < 1e-4 * scale, (grads[0] - grads[1]).abs().max() / scale
@@ -254,11 +266,12 @@ def test_scores_put_unfinished_responses_below_every_finished_one_and_shuffle_pe
     assert not torch.equal(shuffled, scores) and torch.equal(shuffled.sort().values, scores.sort().values)
 
 
-def test_one_ppo_update_under_torchrun_equals_one_process(toy_sft_dir, tmp_path):
+@pytest.mark.parametrize("flags", [[], ["--groups", "known"]], ids=["inferred", "known"])
+def test_one_ppo_update_under_torchrun_equals_one_process(toy_sft_dir, tmp_path, flags):
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
-    run_script(["tests/ppo_update_check.py", toy_sft_dir, str(one)])
-    run_script(["tests/ppo_update_check.py", toy_sft_dir, str(two)], nproc=2)
+    run_script(["tests/ppo_update_check.py", toy_sft_dir, str(one), *flags])
+    run_script(["tests/ppo_update_check.py", toy_sft_dir, str(two), *flags], nproc=2)
     a, b = torch.load(one / "state.pt"), torch.load(two / "state.pt")
     assert a.keys() == b.keys() and any(k.startswith("critic.group_head") for k in a)
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
@@ -321,7 +334,7 @@ def test_end_to_end_variants_on_the_builtin_task(toy_sft_dir, tmp_path, capsys):
     sft_gold = sft.gold_by_group(sft_model, tok, test, plumbing.Dist())
     results = {"SFT": sum(sft_gold.values()) / len(sft_gold)}
     gold_reward = ["--no_gi", "--reward", "gold", "--minibatch", "16", "--lr", "1e-4"]
-    for name, flags in (("GI-PPO", []), ("PPO w/ KL", ["--no_gi"]), ("PPO (gold reward)", gold_reward)):
+    for name, flags in (("GI-PPO", ["--grad_cos", "1"]), ("PPO w/ KL", ["--no_gi"]), ("PPO (gold reward)", gold_reward)):
         out = str(tmp_path / re.sub(r"\W+", "_", name))
         ppo_gi.main(ppo_gi.parser.parse_args(["--sft", toy_sft_dir, "--reward", rm, "--out", out, "--steps", "8",
                                               "--rollout_batch", "32", "--minibatch", "8", "--max_new_tokens", "16",
@@ -342,3 +355,133 @@ def test_end_to_end_variants_on_the_builtin_task(toy_sft_dir, tmp_path, capsys):
             printed = capsys.readouterr().out
             assert "group 0: soft size" in printed and "lookup" in printed
     assert results["PPO (gold reward)"] > results["SFT"] + 0.04, results
+
+
+def test_policy_and_critic_losses_on_hand_computed_numbers():
+    """The clipped surrogate, the clipped value loss and both R_var terms, against numbers worked out
+    by hand; and the θ-gradient of R_var through J_i is w_i·∂S_i, with w_i the hand-derived weight."""
+    ratio = torch.tensor([[1.5, 0.5, 1.1, 1.0]], dtype=torch.float64).repeat(4, 1)
+    new_logp = ratio.log().requires_grad_(True)
+    old_logp = torch.zeros(4, 4, dtype=torch.float64)
+    adv = torch.tensor([1.0, -1.0, 2.0, 5.0], dtype=torch.float64).repeat(4, 1)
+    r_mask = torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=torch.float64).repeat(4, 1)  # the 4th token is padding
+    G = torch.tensor([1.0, 3.0, -2.0, 0.0], dtype=torch.float64)
+    hard = torch.tensor([[1, 0], [1, 0], [0, 1], [0, 1]], dtype=torch.float64)
+    pg_loss, r_var, J, _, _ = ppo_gi.policy_loss(new_logp, old_logp, adv, torch.zeros_like(adv), r_mask, G, hard,
+                                                 n_tok=torch.tensor(12.0), minibatch=4, cliprange=0.2, n_min=0.0)
+    # per token: max(−1.5, −1.2) = −1.2;  max(0.5, 0.8) = 0.8;  max(−2.2, −2.2) = −2.2;  (padding: 0)
+    assert pg_loss.item() == pytest.approx((-1.2 + 0.8 - 2.2) / 3)
+    # R_0 = (1 + 3)/2 = 2, R_1 = (−2 + 0)/2 = −1: Var = ((2 − 0.5)² + (−1 − 0.5)²)/2 = 2.25; J's value is G
+    assert r_var.item() == pytest.approx(2.25) and torch.allclose(J, G)
+    w = torch.autograd.grad(r_var, J, retain_graph=True)[0]
+    assert w.tolist() == pytest.approx([0.75, 0.75, -0.75, -0.75]) and torch.allclose(w, variance_weights(G, hard))
+    (grad,) = torch.autograd.grad(r_var, new_logp)
+    # ∂S_i/∂log π_t = (B/n_tok)·A_t·ρ_t where the max takes the unclipped term: token 3 only (1 and 2 are
+    # clipped, 4 is padding)
+    expected = w[:, None] * (4 / 12) * adv * ratio * torch.tensor([0.0, 0.0, 1.0, 0.0], dtype=torch.float64)
+    assert torch.allclose(grad, expected)
+
+    v = torch.tensor([[1.0, 0.0]], dtype=torch.float64).repeat(4, 1)
+    old_v, returns = torch.full((4, 2), 0.5, dtype=torch.float64), torch.tensor([[2.0, 0.2]], dtype=torch.float64).repeat(4, 1)
+    vf_loss, r_var_phi = ppo_gi.critic_loss(v, old_v, returns, torch.ones(4, 2, dtype=torch.float64), G, hard,
+                                            n_tok=torch.tensor(8.0), cliprange_value=0.2, n_min=0.0)
+    # token 1: max((1 − 2)², (0.7 − 2)²) = 1.69;  token 2: max((0 − 0.2)², (0.3 − 0.2)²) = 0.04;  ½·mean
+    assert vf_loss.item() == pytest.approx(0.5 * (1.69 + 0.04) / 2)
+    # φ's R_var is scale-free: 2.25 / Var(G) = 2.25 / 3.25
+    assert r_var_phi.item() == pytest.approx(2.25 / 3.25)
+
+
+def test_rank_kl_weights_are_the_ranks():
+    scores = torch.tensor([3.0, 1.0, 2.0, 2.0, 5.0])
+    # ranks 3, 0, 1.5, 1.5 (a tie shares its mean rank), 4; divided by N − 1 = 4
+    assert ppo_gi.rank_weights(scores, plumbing.Dist()).tolist() == [0.75, 0.0, 0.375, 0.375, 1.0]
+
+
+def test_masked_whiten_equals_whitening_the_kept_entries():
+    gen = torch.Generator().manual_seed(0)
+    x, mask = torch.randn(5, 7, generator=gen, dtype=torch.float64), (torch.rand(5, 7, generator=gen) > 0.4).double()
+    out = ppo_gi.masked_whiten(x, mask, plumbing.Dist())
+    kept = x[mask.bool()].numpy()
+    assert np.allclose(out[mask.bool()].numpy(), (kept - kept.mean()) / kept.std()) and (out[~mask.bool()] == 0).all()
+
+
+def test_high_group_follows_the_best_group_when_its_index_changes_between_batches():
+    probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.1, 0.9], [0.2, 0.8]])
+    assert groups.high_group(torch.tensor([2.0, 1.5, -1.0, 0.0]), probs) == 0
+    assert groups.high_group(torch.tensor([-2.0, 0.0, 1.0, 3.0]), probs) == 1  # the same heads, the other group ahead
+    # a floor n_min larger than the groups shrinks each mean towards the batch mean, but keeps the order
+    assert groups.high_group(torch.tensor([-2.0, 0.0, 1.0, 3.0]), probs, min_size=10.0) == 1
+
+
+def test_running_std_equals_numpy_over_uneven_chunks():
+    gen = torch.Generator().manual_seed(0)
+    chunks = [3.0 + 2.0 * torch.randn(n, generator=gen) for n in (1, 7, 2, 30, 5)]
+    running = ppo_gi.RunningStd()
+    for c in chunks:
+        running.update(c, plumbing.Dist())
+    every = torch.cat(chunks).double().numpy()
+    assert running.std == pytest.approx(every.std(ddof=1), rel=1e-9) and running.mean == pytest.approx(every.mean())
+
+
+def test_prompt_level_groups_are_the_same_for_two_responses_to_one_prompt(toy_sft_dir):
+    tok = plumbing.load_tokenizer(toy_sft_dir)
+    critic = groups.load_critic(toy_sft_dir, tok, 2, seed=0).eval()
+    prompt, other = (x["prompt"] for x in data.load_prompts("toy", "rl[:2]"))
+    p_ids = [plumbing.encode(tok, p)[0] for p in (prompt, prompt, other)]
+    r_ids = [tok(r)["input_ids"] + [tok.eos_token_id] for r in (" moo", " lemon cloud river stone", " moo")]
+    P = max(len(p) for p in p_ids)
+    q, q_mask = plumbing.pad_batch(p_ids, tok.pad_token_id, left=True)
+    r, r_mask = plumbing.pad_batch(r_ids, tok.pad_token_id)
+    ids, mask = torch.cat([q, r], 1), torch.cat([q_mask, r_mask], 1)
+    with torch.no_grad():
+        by_prompt = critic(ids, mask, group_at=P - 1)[1]
+        by_response = critic(ids, mask)[1]
+    assert torch.equal(by_prompt[0], by_prompt[1]) and not torch.allclose(by_prompt[0], by_prompt[2])
+    assert not torch.allclose(by_response[0], by_response[1])  # the paper's p_φ(g|x, y) reads the response too
+
+
+def test_known_groups_are_the_hard_probability_path_of_the_inferred_groups(toy_sft_dir):
+    """--groups known: p(g|x) is the one-hot label, so g_high's samples get p_high = 1 and the rest 0
+    (the adaptive KL as written); the θ step is the inferred groups' step with those probabilities,
+    and φ takes no step (its head stays as it was)."""
+    import copy
+    tok = plumbing.load_tokenizer(toy_sft_dir)
+    records = data.load_prompts("toy", "rl[:16]")
+    names = data.group_names(records)
+    labels = torch.tensor([names.index(x["group"]) for x in records])
+    args = ppo_gi.parser.parse_args(["--sft", toy_sft_dir, "--reward", "gold", "--rollout_batch", "16", "--minibatch", "16",
+                                     "--max_new_tokens", "8", "--groups", "known", "--beta_policy", "1"])
+    args.n_groups = len(names)
+    policy, reference = plumbing.load_model(toy_sft_dir, tok).eval(), plumbing.load_model(toy_sft_dir, tok).eval()
+    critic = groups.load_critic(toy_sft_dir, tok, args.n_groups, seed=0).eval()
+    batch = ppo_gi.rollout(args, plumbing.Dist(), policy, reference, critic, ppo_gi.load_scorer("gold", tok, plumbing.Dist(), False),
+                           tok, [x["prompt"] for x in records], 0, ppo_gi.RunningStd(), labels=labels)
+    assert names == sorted(data.GROUPS) and torch.equal(batch["probs"], torch.nn.functional.one_hot(labels, 4).float())
+    assert batch["p_high"].tolist() == (labels == batch["g_high"]).float().tolist()
+    after = {}
+    for kind in ("known", "inferred"):
+        args.groups = kind
+        pol, cri = copy.deepcopy(policy), copy.deepcopy(critic)
+        opt_p, opt_c = torch.optim.SGD(pol.parameters(), lr=0.1), torch.optim.SGD(cri.parameters(), lr=0.1)
+        ppo_gi.ppo_update(args, plumbing.Dist(), pol, cri, opt_p, opt_c, batch, {})
+        after[kind] = pol.state_dict(), cri.group_head.weight.detach().clone()
+    assert all(torch.equal(after["known"][0][k], v) for k, v in after["inferred"][0].items())
+    assert torch.equal(after["known"][1], critic.group_head.weight) and not torch.equal(after["inferred"][1], critic.group_head.weight)
+
+
+def test_beta_policy_0_with_a_fixed_kl_is_ppo_with_kl(toy_sft_dir, tmp_path):
+    """With β_policy = 0, p_high ≡ 1 and β_critic = 0, GI-PPO is PPO w/ KL exactly: weights and log.
+    With β_critic > 0 it is not: φ's R_var objective trains the critic's shared backbone too, and so
+    its values (the paper's classifier is a head on the critic)."""
+    base = ["--sft", toy_sft_dir, "--steps", "2", *PPO_SHORT, "--save_every", "0", "--kl_coef", "0.2"]
+    runs = {"ppo": ["--no_gi"], "gi_off": ["--beta_policy", "0", "--fixed_kl", "--beta_critic", "0"],
+            "gi_off_phi": ["--beta_policy", "0", "--fixed_kl"]}
+    logs = {}
+    for name, flags in runs.items():
+        ppo_gi.main(ppo_gi.parser.parse_args(base + ["--out", str(tmp_path / name), *flags]))
+        logs[name] = [{k: v for k, v in r.items() if k.startswith(("objective/", "policy/", "val/"))}
+                      for r in read_metrics(tmp_path / name / "metrics.jsonl")]
+    from safetensors.torch import load_file
+    wa, wb = (load_file(tmp_path / name / "model.safetensors") for name in ("ppo", "gi_off"))
+    assert logs["ppo"] == logs["gi_off"] and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert logs["ppo"][-1]["val/loss"] != logs["gi_off_phi"][-1]["val/loss"]
