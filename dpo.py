@@ -36,6 +36,8 @@ parser.add_argument("--split", default="train", help="training split, with an op
 parser.add_argument("--eval_split", default=None, help="held-out split; default: toy 'test', else 5%% carved from --split")
 parser.add_argument("--beta", type=float, default=0.1, help="β: strength of the implicit KL constraint to π_ref")
 parser.add_argument("--precompute_ref", type=int, default=1, help="1: π_ref's log-probs of all training pairs once before training; 0: in every step")
+parser.add_argument("--group_robust", action="store_true", help="GR-DPO (Ramesh et al. 2024): the loss is Σ_g α_g·(group g's mean DPO loss), the group weights α moved towards the groups whose loss is higher; needs a `group` on every pair")
+parser.add_argument("--robust_step", type=float, default=0.1, help="GR-DPO: η_α, the exponentiated-gradient step of the group weights α")
 parser.add_argument("--gold_prompts", type=int, default=200, help="toy only: greedy-decode this many test prompts and report gold scores")
 sft.add_training_flags(parser, out="runs/dpo", steps=300, lr=2e-4, eval_every=100, save_every=150)
 # fmt: on
@@ -50,6 +52,15 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta):
     return loss, chosen_reward, rejected_reward
 
 
+def group_weights_step(alpha, group_losses, present, step_size):
+    """GR-DPO's step on the group weights: exponentiated gradient ascent of Σ_g α_g·L_g on the simplex,
+    so weight moves to the groups whose loss is higher. A group absent from the batch (present 0)
+    keeps its weight before the renormalization."""
+    # α_g ← α_g·exp(η_α·L_g) / Σ_g' α_g'·exp(η_α·L_g')
+    alpha = alpha * torch.exp(step_size * group_losses * present)
+    return alpha / alpha.sum()
+
+
 def pair_logprobs(model, examples, pad_id, device):
     """log π(y_c|x) and log π(y_r|x) for a list of tokenized pairs, in one forward pass."""
     seqs = [(p, c) for p, c, _, _ in examples] + [(p, r) for _, _, p, r in examples]
@@ -58,12 +69,17 @@ def pair_logprobs(model, examples, pad_id, device):
     return logp[: len(examples)], logp[len(examples):]
 
 
-def pair_stats(pi_c, pi_r, ref_c, ref_r, beta, prefix):
-    """Summed diagnostics of a batch of pairs (the loop divides by the number of pairs)."""
+def pair_stats(pi_c, pi_r, ref_c, ref_r, beta, prefix, weights=None, group_idx=None, n_groups=0):
+    """The (weighted) summed loss and summed diagnostics of a batch of pairs (the loop divides by the
+    number of pairs); with group_idx, each group's summed loss too (GR-DPO's α step)."""
     loss, rc, rr = dpo_loss(pi_c, pi_r, ref_c, ref_r, beta)
-    return loss.sum(), {f"{prefix}rewards/chosen": rc.sum(), f"{prefix}rewards/rejected": rr.sum(),
-                        f"{prefix}rewards/margin": (rc - rr).sum(), f"{prefix}rewards/accuracy": (rc > rr).float().sum(),
-                        f"{prefix}logps/chosen": pi_c.sum(), f"{prefix}logps/rejected": pi_r.sum()}
+    stats = {f"{prefix}rewards/chosen": rc.sum(), f"{prefix}rewards/rejected": rr.sum(),
+             f"{prefix}rewards/margin": (rc - rr).sum(), f"{prefix}rewards/accuracy": (rc > rr).float().sum(),
+             f"{prefix}logps/chosen": pi_c.sum(), f"{prefix}logps/rejected": pi_r.sum()}
+    if group_idx is not None:
+        sums = torch.zeros(n_groups, device=loss.device).index_add_(0, group_idx, loss.detach())
+        stats.update({f"robust/loss_sum_{g}": sums[g] for g in range(n_groups)})
+    return (loss if weights is None else loss * weights).sum(), stats
 
 
 @torch.no_grad()
@@ -84,14 +100,16 @@ def heldout_metrics(policy, reference, examples, pad_id, beta, d, batch_size=64)
 
 def main(args):
     d, ckpt = sft.start(args, parser)
-    train, heldout = data.train_and_heldout(data.load_pairs, args.data, args.split, args.eval_split, seed=args.seed)
+    train, heldout = data.train_and_heldout(data.load_pairs, args.data, args.split, args.eval_split, seed=args.seed,
+                                            need_group=args.group_robust)
     source = os.path.join(ckpt, "model") if ckpt else args.sft
     tokenizer = plumbing.load_tokenizer(source)
     policy = plumbing.shard(plumbing.load_model(source, tokenizer, seed=args.seed), d, bf16=args.bf16, compile_blocks=args.compile)
     reference = plumbing.shard(plumbing.load_model(args.sft, tokenizer, seed=args.seed), d, bf16=args.bf16, compile_blocks=args.compile)
     reference.eval().requires_grad_(False)  # π_ref stays the SFT model
     optimizer = sft.adamw(policy, args)
-    first = plumbing.load_optimizer_state(ckpt, {"model": policy}, {"model": optimizer}, d)["step"] if ckpt else 0
+    state = plumbing.load_optimizer_state(ckpt, {"model": policy}, {"model": optimizer}, d) if ckpt else {"step": 0}
+    first = state["step"]
     train_ex = reward.tokenize_pairs(tokenizer, train, args.max_len)
     heldout_ex = reward.tokenize_pairs(tokenizer, heldout[:1000], args.max_len)
     log = plumbing.MetricsLog(os.path.join(args.out, "metrics.jsonl"), d, resume=ckpt is not None)
@@ -110,6 +128,20 @@ def main(args):
         ref_table = {id(train_ex[i]): s for i, s in zip(used, scores)}  # keyed by the example object the loop hands out
         log.log(first, {"perf/ref_precompute_s": time.perf_counter() - t0})
 
+    # GR-DPO: group weights α (uniform at first), the group of each training pair, its global batch's group sizes
+    robust = {}
+    if args.group_robust:
+        names = data.group_names(train)
+        robust["alpha"] = torch.tensor(state.get("alpha", [1 / len(names)] * len(names)), dtype=torch.float64)
+        robust["group_of"] = {id(x): names.index(pair["group"]) for x, pair in zip(train_ex, train)}
+        if d.main:
+            print(f"dpo: GR-DPO over {len(names)} groups ({', '.join(names)}), η_α {args.robust_step}")
+
+    def batch_weight(batch):
+        if robust:
+            robust["counts"] = torch.bincount(torch.tensor([robust["group_of"][id(x)] for x in batch]), minlength=len(names)).double()
+        return len(batch)
+
     def micro_loss(micro):
         if ref_table is not None:
             ref_c, ref_r = torch.stack([ref_table[id(x)] for x in micro]).to(d.device).unbind(-1)
@@ -117,11 +149,27 @@ def main(args):
             with torch.no_grad():
                 ref_c, ref_r = pair_logprobs(reference, micro, tokenizer.pad_token_id, d.device)
         pi_c, pi_r = pair_logprobs(policy, micro, tokenizer.pad_token_id, d.device)
-        return pair_stats(pi_c, pi_r, ref_c, ref_r, args.beta, "train/")
+        if not robust:
+            return pair_stats(pi_c, pi_r, ref_c, ref_r, args.beta, "train/")
+        g = torch.tensor([robust["group_of"][id(x)] for x in micro])
+        # Σ_g α_g·L_g, L_g the mean loss of group g's pairs in the global batch: pair i weighs α_g·N/n_g (the loop divides by N)
+        weights = (robust["alpha"][g] * robust["counts"].sum() / robust["counts"][g]).float().to(d.device)
+        return pair_stats(pi_c, pi_r, ref_c, ref_r, args.beta, "train/", weights, g.to(d.device), len(names))
+
+    def after_step(metrics):  # GR-DPO: α steps on this batch's group losses, for the next update
+        if not robust:
+            return {}
+        counts = robust["counts"]
+        sums = torch.tensor([metrics.pop(f"robust/loss_sum_{g}") for g in range(len(names))], dtype=torch.float64)
+        losses = sums * counts.sum() / counts.clamp(min=1)  # the loop divided the sums by N
+        robust["alpha"] = group_weights_step(robust["alpha"], losses, (counts > 0).double(), args.robust_step)
+        return {**{f"robust/alpha/{n}": a for n, a in zip(names, robust["alpha"].tolist())},
+                **{f"robust/loss/{n}": v for n, v, c in zip(names, losses.tolist(), counts.tolist()) if c}}
 
     evaluate = lambda: heldout_metrics(policy, reference, heldout_ex, tokenizer.pad_token_id, args.beta, d)  # noqa: E731
-    finished = sft.supervised_loop(args, d, policy, optimizer, tokenizer, train_ex, micro_loss, batch_weight=len,
-                                        evaluate=evaluate, log=log, first_step=first, name="dpo")
+    finished = sft.supervised_loop(args, d, policy, optimizer, tokenizer, train_ex, micro_loss, batch_weight=batch_weight,
+                                   evaluate=evaluate, log=log, first_step=first, name="dpo", after_step=after_step,
+                                   state=lambda: {"alpha": robust["alpha"].tolist()} if robust else {})
     if finished:
         summary = evaluate()
         if args.data == "toy" and args.gold_prompts:

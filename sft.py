@@ -148,13 +148,16 @@ def adamw(model, args):
     return plumbing.optimizer(model, args.lr, args.weight_decay)
 
 
-def supervised_loop(args, d, model, optimizer, tokenizer, examples, micro_loss, batch_weight, evaluate, log, first_step, name):
+def supervised_loop(args, d, model, optimizer, tokenizer, examples, micro_loss, batch_weight, evaluate, log, first_step, name,
+                    after_step=None, state=dict):
     """Optimizer steps first_step..args.steps. Each step takes the global batch (the same on every
     rank), gives this rank its share in --grad_accum micro-batches, and back-propagates
     micro_loss(micro) * world / batch_weight(global batch): a per-example (or per-token) mean over
     the whole global batch, whatever the number of ranks or micro-batches. FSDP2 averages
     gradients over ranks; the factor `world` turns that average into the sum.
-    micro_loss(micro) -> (summed loss, {metric: summed value}); evaluate() -> {metric: value}.
+    micro_loss(micro) -> (summed loss, {metric: summed value}); evaluate() -> {metric: value};
+    after_step(metrics) runs after each applied update and returns more metrics to log; state()
+    is what the stage adds to each checkpoint (numbers and lists, e.g. GR-DPO's group weights).
     Returns False if --stop_at ended the run early, True when all steps are done."""
     bar = plumbing.progress(range(first_step, args.steps), d, initial=first_step, total=args.steps, desc=name)
     t0, seen = time.time(), 0
@@ -184,13 +187,14 @@ def supervised_loop(args, d, model, optimizer, tokenizer, examples, micro_loss, 
             continue
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        extra = after_step(metrics) if after_step else {}
         seen += len(batch)
         tokens += sum(len(part) for example in batch for part in example)  # an example: a tuple of id lists
         busy_s, n_steps = busy_s + time.perf_counter() - t_step, n_steps + 1
 
         out = {}
         if (step + 1) % args.log_every == 0 or step == first_step:
-            out = {**metrics, "train/grad_norm": grad_norm, "train/lr": optimizer.param_groups[0]["lr"],
+            out = {**metrics, **extra, "train/grad_norm": grad_norm, "train/lr": optimizer.param_groups[0]["lr"],
                    "perf/examples_per_s": seen / (time.time() - t0), "perf/peak_rss_mb": plumbing.peak_rss_mb(),
                    "perf/step_s": busy_s / n_steps, **plumbing.perf_metrics(tokens, busy_s, d.device)}
             tokens, busy_s, n_steps = 0, 0.0, 0
@@ -201,7 +205,7 @@ def supervised_loop(args, d, model, optimizer, tokenizer, examples, micro_loss, 
             log.log(step + 1, out)
         if args.save_every and ((step + 1) % args.save_every == 0 or step + 1 in (args.steps, args.stop_at)):
             plumbing.save_checkpoint(os.path.join(args.out, "checkpoint"), {"model": model}, {"model": optimizer},
-                                     tokenizer, {"step": step + 1}, d)
+                                     tokenizer, {"step": step + 1, **state()}, d)
         if step + 1 == args.stop_at:
             if d.main:
                 print(f"{name}: stopped at step {step + 1} (--stop_at); continue with --resume")
