@@ -28,6 +28,7 @@ training curves, and gold against KL over each PPO run's iterations: the over-op
 """
 import argparse
 import json
+import math
 import os
 import random
 import re
@@ -50,6 +51,8 @@ parser.add_argument("--model", help="NAME=DIR of the model under evaluation (DIR
 parser.add_argument("--opponents", nargs="+", help="NAME=DIR of each opponent")
 parser.add_argument("--aggregate", nargs="+", metavar="RESULTS_JSON", help="instead: mean ± std over seeds of several results.json files, as markdown")
 parser.add_argument("--runs", nargs="+", metavar="PPO_DIR", help="instead: a markdown table of ppo_gi.py runs from their metrics.jsonl (RL gold, KL, groups)")
+parser.add_argument("--study", nargs="+", metavar="RESULTS_JSON", help="instead: the study's table over seeds (one results.json per seed, pipeline.sh --study) and its figure in --out")
+parser.add_argument("--match_kl", nargs="+", metavar="DIR", help="instead: the KL-matched control's search, TARGET_RUN CANDIDATE_RUNS…: prints 'match DIR', or 'next ETA CLOSEST_DIR'")
 parser.add_argument("--data", default="toy", help="data.py spec of the prompts")
 parser.add_argument("--splits", nargs="+", default=["test", "ood"], help="prompt splits, each a column of the table")
 parser.add_argument("--n_prompts", type=int, default=200, help="prompts per split (the first N)")
@@ -384,6 +387,117 @@ def run_table(dirs, last=10):
     return "\n".join(lines) + "\n"
 
 
+def run_kl(path, last=10):
+    """A ppo_gi.py run's mean KL from π^SFT over its last `last` iterations (on its RL prompts)."""
+    rows = [r for r in training_log(path) if "objective/kl" in r]
+    return float(np.mean([r["objective/kl"] for r in rows[-last:]])) if rows else None
+
+
+def match_kl(target, candidates, tolerance=0.1):
+    """The KL-matched control: 'match DIR' for the first candidate PPO run whose KL is within
+    `tolerance` of the target run's, else 'next ETA CLOSEST' with η interpolated in log η – log KL
+    between the candidates nearest the target (KL falls as η grows; one candidate: KL ∝ 1/η)."""
+    goal = run_kl(target)
+    runs = []
+    for c in candidates:
+        with open(os.path.join(c, "ppo_args.json")) as f:
+            runs.append((json.load(f)["kl_coef"], run_kl(c), os.path.normpath(c)))
+    runs.sort(key=lambda r: abs(math.log(r[1] / goal)))
+    for eta, kl, path in runs:
+        if abs(kl - goal) <= tolerance * goal:
+            return f"match {path}"
+    above, below = [r for r in runs if r[1] > goal], [r for r in runs if r[1] < goal]
+    pair = (above[0], below[0]) if above and below else tuple(runs[:2])
+    if len(pair) == 2 and pair[0][0] != pair[1][0]:
+        slope = (math.log(pair[0][1]) - math.log(pair[1][1])) / (math.log(pair[0][0]) - math.log(pair[1][0]))
+        slope = min(-0.3, max(-3.0, slope))  # keep a noisy pair from sending η far away
+    else:
+        slope = -1.0
+    eta, kl, _ = pair[0]
+    # log η_next = log η + (log KL_goal − log KL) / slope
+    return f"next {float(f'{eta * math.exp((math.log(goal) - math.log(kl)) / slope):.3g}'):g} {runs[0][2]}"
+
+
+STUDY_ROW = re.compile(r"GI \((.+)\) β (.+)")  # the study's GI-PPO rows: "GI (grouping) β value"
+
+
+def study_table(paths, out, reps=2000):
+    """The study over seeds: per row mean gold, worst true group, best − worst and KL (mean ± std over
+    seeds), and its paired Win / Tie / Lose against the model under evaluation (the KL-matched PPO
+    w/ KL) by gold, prompt by prompt, with a 95% bootstrap interval of Win − Lose that resamples
+    seeds, then prompts within each seed. Writes study.png to `out`: worst-group gold against β_policy."""
+    runs = []
+    for path in paths:
+        with open(path) as f:
+            runs.append(json.load(f))
+    ref = runs[0]["settings"]["model"].partition("=")[0]
+    names = [ref] + [parse_named(o)[0] for o in runs[0]["settings"]["opponents"]]
+    dirs = [dict(parse_named(s) for s in [r["settings"]["model"]] + r["settings"]["opponents"]) for r in runs]
+    splits = runs[0]["settings"]["splits"]
+    summary = {(g["model"], g["split"]): [] for g in runs[0]["group_summary"]}
+    for r in runs:
+        for g in r["group_summary"]:
+            summary[g["model"], g["split"]].append(g)
+    ms = lambda xs: f"{np.mean(xs):.3f} ± {np.std(xs):.3f}"  # noqa: E731
+    lines = [f"Mean ± population std over {len(runs)} seeds; KL over the last 10 RL iterations; paired against {ref} by gold, "
+             "Win / Tie / Lose % of (seed, prompt), and Win − Lose with its 95% bootstrap interval (seeds, then prompts).", "",
+             "| row | KL | " + " | ".join(f"{s}: mean gold | {s}: worst group | {s}: best − worst" for s in splits)
+             + " | " + " | ".join(f"{s}: W / T / L vs {ref} | {s}: W − L [95%]" for s in splits) + " |",
+             "|---|---:|" + "---:|" * (5 * len(splits))]
+    rng, stats = np.random.default_rng(0), {}
+    for name in names:
+        kls = [k for k in (run_kl(d[name]) for d in dirs) if k is not None]
+        cells = [ms(kls) if kls else ""]
+        for s in splits:
+            gs = summary[name, s]
+            stats[name, s] = [g["worst_gold"] for g in gs]
+            cells += [ms([g["gold_mean"] for g in gs]), ms([g["worst_gold"] for g in gs]), ms([g["gap"] for g in gs])]
+        for s in splits:
+            diff = [np.sign(np.array(r["items"]["gold"][name][s]) - np.array(r["items"]["gold"][ref][s])) for r in runs]
+            every = np.concatenate(diff)
+            boot = []
+            for _ in range(reps):
+                pick = [diff[i][rng.integers(0, len(diff[i]), len(diff[i]))] for i in rng.integers(0, len(diff), len(diff))]
+                both = np.concatenate(pick)
+                boot.append(100 * ((both > 0).mean() - (both < 0).mean()))
+            lo, hi = np.percentile(boot, [2.5, 97.5])
+            w, t, l_ = (100 * (every > 0).mean(), 100 * (every == 0).mean(), 100 * (every < 0).mean())
+            cells += [f"{w:.1f} / {t:.1f} / {l_:.1f}", f"{w - l_:+.1f} [{lo:+.1f}, {hi:+.1f}]"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    plot_study(out, names, stats, splits)
+    return "\n".join(lines) + "\n"
+
+
+def plot_study(out, names, worst, splits):
+    """study.png: worst-group gold against β_policy, one line per grouping; the other rows as bands."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("evaluate: matplotlib not installed, no study.png")
+        return
+    fig, axes = plt.subplots(1, len(splits), figsize=(6 * len(splits), 4.2), squeeze=False)
+    for ax, s in zip(axes[0], splits):
+        lines = {}
+        for name in names:
+            m = STUDY_ROW.fullmatch(name)
+            if m:
+                lines.setdefault(m.group(1), []).append((float(m.group(2)), np.mean(worst[name, s]), np.std(worst[name, s])))
+        for grouping, pts in lines.items():
+            b, mean, std = zip(*sorted(pts))
+            ax.errorbar(b, mean, yerr=std, marker="o", capsize=3, label=f"GI-PPO, groups {grouping}")
+        for k, name in enumerate(n for n in names if not STUDY_ROW.fullmatch(n)):
+            mean, std = np.mean(worst[name, s]), np.std(worst[name, s])
+            ax.axhspan(mean - std, mean + std, alpha=0.15, color=f"C{k + 3}")
+            ax.axhline(mean, color=f"C{k + 3}", lw=1, ls="--", label=name)
+        ax.set_xscale("symlog", linthresh=0.1)
+        ax.set(xlabel="β_policy", ylabel="worst true group's mean gold", title=f"worst group ({s}), mean ± std over seeds")
+    axes[0][0].legend(fontsize=6)
+    os.makedirs(out, exist_ok=True)
+    fig.savefig(os.path.join(out, "study.png"), dpi=120, bbox_inches="tight")
+
+
 def write_atomic(path, text):
     with open(path + ".tmp", "w") as f:
         f.write(text)
@@ -391,6 +505,14 @@ def write_atomic(path, text):
 
 
 def main(args):
+    if args.match_kl:
+        print(match_kl(args.match_kl[0], args.match_kl[1:]))
+        return
+    if args.study:
+        table = study_table(args.study, args.out)
+        write_atomic(os.path.join(args.out, "study.md"), table)
+        print(table + f"\nevaluate: wrote {args.out}/study.md and study.png")
+        return
     if args.aggregate or args.runs:
         print(aggregate(args.aggregate) if args.aggregate else run_table(args.runs))
         return
@@ -462,8 +584,11 @@ def main(args):
         table += "\n| model | split | RM mean | q05 | q50 | q95 | skewness |\n|---|---|---:|---:|---:|---:|---:|\n"
         table += "".join(f"| {r['model']} | {r['split']} | {r['mean']:.2f} | {r['q05']:.2f} | {r['q50']:.2f} | {r['q95']:.2f} | {r['skewness']:.2f} |\n"
                          for r in rewards)
+    items = {}  # every judge's score of every response, for paired comparisons (--study)
+    for (judge, name, s), v in scores.items():
+        items.setdefault(judge, {}).setdefault(name, {})[s] = v
     results = {"winrates": winrates, "groups": group_rows, "group_summary": summaries, "rewards": rewards,
-               "perf": perf, "settings": vars(args)}
+               "items": items, "perf": perf, "settings": vars(args)}
     write_atomic(os.path.join(args.out, "table.md"), table)
     write_atomic(os.path.join(args.out, "results.json"), json.dumps(results, indent=1, default=float))
     plot(args.out, model_dirs, group_rows, {(n, s): v for (j, n, s), v in scores.items() if j == "rm"})

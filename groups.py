@@ -51,6 +51,7 @@ parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_c
 parser.add_argument("--rollouts", default="runs/gi_ppo/rollouts.jsonl", help="JSONL of {prompt, response, reward} (ppo_gi.py writes one)")
 parser.add_argument("--critic", default="runs/gi_ppo/critic", help="critic directory (with its group head) or a reward model directory")
 parser.add_argument("--n_groups", type=int, default=2, help="M, the number of groups (when the critic has no group head yet)")
+parser.add_argument("--group_input", choices=["response", "prompt"], default="response", help="where the head reads the critic: the last response token (p_φ(g|x,y)) or the last prompt token (p_φ(g|x)), as ppo_gi.py --group_input")
 parser.add_argument("--fit_steps", type=int, default=0, help="first fit φ here: Adam steps maximizing R_var of the rewards (0: use the head as saved)")
 parser.add_argument("--min_group_frac", type=float, default=1.0, help="n_min = this · B / M: the least soft size a group's mean is divided by (0: the raw soft mean)")
 parser.add_argument("--lr", type=float, default=1e-2, help="learning rate of the φ fit")
@@ -140,13 +141,14 @@ def main(args):
     rows = read_rollouts(args.rollouts)
     tokenizer = plumbing.load_tokenizer(args.critic)
     critic = load_critic(args.critic, tokenizer, args.n_groups, seed=args.seed).eval()
-    seqs = [sum(plumbing.encode(tokenizer, p, r, max_len=args.max_len), []) for p, r, _ in rows]
-    ids, mask = plumbing.pad_batch(seqs, tokenizer.pad_token_id)
+    pieces = [plumbing.encode(tokenizer, p, r, max_len=args.max_len) for p, r, _ in rows]
+    ids, mask = plumbing.pad_batch([p + r for p, r in pieces], tokenizer.pad_token_id)
     rewards = torch.tensor([r for _, _, r in rows])
     n_min = args.min_group_frac * len(rows) / args.n_groups
+    at = torch.tensor([len(p) - 1 for p, _ in pieces]) if args.group_input == "prompt" else reward.last_token_index(mask)
     with torch.no_grad():
         _, hidden = reward.RewardModel.forward(critic, ids, mask, return_hidden=True)
-        features = hidden[torch.arange(len(rows)), reward.last_token_index(mask)]
+        features = hidden[torch.arange(len(rows)), at]
     if args.fit_steps:  # Stage 1 alone: φ ascends R_var of the (fixed) rewards on frozen features
         optimizer = torch.optim.Adam(critic.group_head.parameters(), lr=args.lr)
         for _ in range(args.fit_steps):

@@ -6,6 +6,7 @@
 #   ./pipeline.sh --seed 2 --out runs/pipeline-s2 --no-install
 #   ./pipeline.sh --force                # retrain stages whose outputs already exist
 #   ./pipeline.sh --sweep --no-install   # instead: the β_policy × η sweep on the RL split (RESULTS.md)
+#   ./pipeline.sh --study --no-install   # then: what carries GI-PPO's effect (below), from this seed's runs
 #
 # Stages (each skipped when its output exists, unless --force):
 #   sft → reward → dpo → ppo (no KL) → ppo_kl → gi_ppo → gi_fixed_kl → gi_beta0 → ppo_gold
@@ -14,14 +15,19 @@
 # invariant term (β_policy = 0). Two controls of the RL machinery itself: ppo_gold, PPO with the
 # gold judge as its reward (what RL can reach on this task), and ppo_shuffled, PPO w/ KL whose
 # scores are shuffled within each rollout batch (no signal: whatever it moves is the update's
-# noise floor). The budgets and the PPO coefficients are environment variables (defaults below),
+# noise floor). --study adds, from the same SFT and RM: GI-PPO for each β_policy in STUDY_BETAS with
+# three groupings (inferred from prompt and response, the paper's; inferred from the prompt only;
+# the known true groups), PPO w/ KL with its η searched on the RL split until its KL over the last 10
+# iterations is within 10% of GI-PPO's (KL-matched), PPO with the reward-rank KL weight, GR-DPO, and
+# evaluates them all by gold against the KL-matched run (evaluate.py --study aggregates the seeds).
+# The budgets and the PPO coefficients are environment variables (defaults below),
 # so a test can run the same script with a tiny budget. To fit 12 minutes on 2 cores the PPO runs
 # skip the groups/grad_cos diagnostic (one extra backward per iteration) and the RM's mean and std
 # come from 1,024 training pairs.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-SEED=1 OUT="" FORCE=0 INSTALL=1 SWEEP=0
+SEED=1 OUT="" FORCE=0 INSTALL=1 SWEEP=0 STUDY=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --seed) SEED="$2"; shift 2 ;;
@@ -29,6 +35,7 @@ while [ $# -gt 0 ]; do
     --force) FORCE=1; shift ;;
     --no-install) INSTALL=0; shift ;;
     --sweep) SWEEP=1; shift ;;
+    --study) STUDY=1; shift ;;
     -h|--help) sed -n '2,/^set /p' "$0" | sed '$d'; exit 0 ;;
     *) echo "pipeline.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
@@ -44,6 +51,8 @@ EVAL_PROMPTS="${EVAL_PROMPTS:-200}"  # prompts per evaluation split (test, ood)
 ETA="${ETA:-0.5}"                    # η, the KL penalty coefficient of GI-PPO and its ablations
 ETA_PPO_KL="${ETA_PPO_KL:-0.5}"      # η of PPO w/ KL (and of the shuffled control)
 BETA_POLICY="${BETA_POLICY:-0.1}"    # β_policy, the weight of R_var in GI-PPO's policy loss
+STUDY_BETAS="${STUDY_BETAS:-0 0.1 0.3 1 3 10}"  # --study: the β_policy of each grouping's GI-PPO runs
+KL_MATCH_TRIES="${KL_MATCH_TRIES:-4}"  # --study: PPO w/ KL runs at most in the search for the KL-matched η
 PY="${PYTHON:-python}"
 
 if [ "$INSTALL" = 1 ]; then
@@ -113,5 +122,41 @@ stage evaluate "$OUT/eval/results.json" "$PY" evaluate.py --model "GI-PPO=$OUT/g
   --reward "$OUT/reward" --judges gold rm --splits test ood --n_prompts "$EVAL_PROMPTS" --seed "$SEED" --out "$OUT/eval"
 if [ "$RAN" = 0 ]; then  # evaluate.py prints the table when it runs
   cat "$OUT/eval/table.md"
+fi
+if [ "$STUDY" = 1 ]; then
+  ROWS=()
+  for grouping in x,y x known; do
+    case "$grouping" in x,y) flags=() ;; x) flags=(--group_input prompt) ;; known) flags=(--groups known) ;; esac
+    for beta in $STUDY_BETAS; do
+      name="study/gi_${grouping/,/}_beta$beta"
+      # the pipeline's GI-PPO and its β_policy 0 ablation are the paper's grouping at two of the βs
+      [ "$grouping" = x,y ] && [ "$beta" = "$BETA_POLICY" ] && name=gi_ppo
+      [ "$grouping" = x,y ] && [ "$beta" = 0 ] && name=gi_beta0
+      ppo "$name" --kl_coef "$ETA" --beta_policy "$beta" "${flags[@]}"
+      ROWS+=("GI ($grouping) β $beta=$OUT/$name")
+    done
+  done
+  ppo study/ppo_rank_kl --no_gi --kl_weight rank --kl_coef "$ETA_PPO_KL"
+  # KL-matched PPO w/ KL: η on the RL split, until its KL over the last 10 iterations is within 10% of GI-PPO's
+  CANDIDATES=("$OUT/ppo_kl") MATCHED=""
+  for try in $(seq "$KL_MATCH_TRIES"); do
+    read -r verdict value closest < <("$PY" evaluate.py --match_kl "$OUT/gi_ppo" "${CANDIDATES[@]}")
+    if [ "$verdict" = match ]; then MATCHED="$value"; break; fi
+    ppo "study/ppo_kl_eta$value" --no_gi --kl_coef "$value"
+    CANDIDATES+=("$OUT/study/ppo_kl_eta$value")
+  done
+  if [ -z "$MATCHED" ]; then
+    read -r verdict value closest < <("$PY" evaluate.py --match_kl "$OUT/gi_ppo" "${CANDIDATES[@]}")
+    if [ "$verdict" = match ]; then MATCHED="$value"; else MATCHED="$closest"; fi
+    echo "== KL-matched: no η within 10% of GI-PPO's KL in $KL_MATCH_TRIES tries; the closest: $MATCHED"
+  fi
+  echo "== KL-matched PPO w/ KL: $MATCHED"
+  stage gr_dpo "$OUT/study/gr_dpo/config.json" "$PY" dpo.py --sft "$OUT/sft" --steps "$DPO_STEPS" --eval_every "$DPO_STEPS" \
+    --seed "$SEED" --out "$OUT/study/gr_dpo" --save_every 0 --gold_prompts 0 --group_robust
+  stage "study evaluate" "$OUT/study/eval/results.json" "$PY" evaluate.py --model "PPO w/ KL (KL-matched)=$MATCHED" \
+    --opponents "${ROWS[@]}" "PPO w/ KL=$OUT/ppo_kl" "PPO (rank KL)=$OUT/study/ppo_rank_kl" "DPO=$OUT/dpo" \
+    "GR-DPO=$OUT/study/gr_dpo" "SFT=$OUT/sft" --judges gold --splits test ood --n_prompts "$EVAL_PROMPTS" --seed "$SEED" \
+    --out "$OUT/study/eval"
+  echo "== study: results in $OUT/study/eval; over seeds: python evaluate.py --study runs/pipeline-s*/study/eval/results.json --out runs/study"
 fi
 echo "== pipeline: $(( $(date +%s) - START )) s in all (training and evaluation); results in $OUT/eval"

@@ -4,6 +4,7 @@ schema, and the one-command pipeline end to end with a tiny budget."""
 import http.server
 import importlib.util
 import json
+import math
 import os
 import random
 import re
@@ -175,6 +176,32 @@ def test_pipeline_end_to_end_with_a_tiny_budget(tmp_path):
     assert len(table.splitlines()) == 4 and gi_row[1:3] == ["0.1", "0.5"] and float(gi_row[4]) == pytest.approx(sum(gold) / 2, abs=5e-4)
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("skipped") == 11  # every stage's output exists
+    # --study from the same SFT and RM: three groupings × two β_policy, the controls, GR-DPO, one evaluation
+    study = subprocess.run(cmd + ["--study"], cwd=ROOT, env={**env, "STUDY_BETAS": "0 1", "KL_MATCH_TRIES": "1"},
+                           capture_output=True, text=True, timeout=600)
+    assert study.returncode == 0, study.stdout[-3000:] + study.stderr[-3000:]
+    results = tmp_path / "p" / "study" / "eval" / "results.json"
+    names = [evaluate.parse_named(o)[0] for o in json.loads(results.read_text())["settings"]["opponents"]]
+    assert names == [f"GI ({g}) β {b}" for g in ("x,y", "x", "known") for b in (0, 1)] + [
+        "PPO w/ KL", "PPO (rank KL)", "DPO", "GR-DPO", "SFT"]
+    table = evaluate.study_table([str(results), str(results)], str(tmp_path / "agg"))
+    assert len(table.splitlines()) == 4 + 12 and (tmp_path / "agg" / "study.png").exists()
+    assert "| PPO w/ KL (KL-matched) | " in table and "+0.0 [+0.0, +0.0]" in table.splitlines()[4]  # itself: all ties
+
+
+def test_the_kl_matched_search_interpolates_eta_in_log_log(tmp_path):
+    def run(name, eta, kl):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "ppo_args.json").write_text(json.dumps({"kl_coef": eta}))
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps({"objective/kl": kl}) + "\n" for _ in range(12)))
+        return str(tmp_path / name)
+    target, first = run("gi", 0.5, 0.5), run("a", 0.5, 0.3)
+    assert evaluate.match_kl(target, [first]) == f"next 0.3 {first}"  # one candidate: KL ∝ 1/η, 0.5·0.3/0.5
+    # bracketing candidates: log η interpolated at log KL = log 0.5 between (0.2, 0.8) and (0.5, 0.3)
+    slope = (math.log(0.8) - math.log(0.3)) / (math.log(0.2) - math.log(0.5))
+    verdict, eta, closest = evaluate.match_kl(target, [first, run("b", 0.2, 0.8)]).split()
+    assert verdict == "next" and float(eta) == pytest.approx(0.2 * math.exp((math.log(0.5) - math.log(0.8)) / slope), rel=2e-3)
+    assert evaluate.match_kl(target, [first, run("c", 0.31, 0.46)]) == f"match {tmp_path / 'c'}"  # within 10%
 
 
 def test_aggregate_mean_and_std_over_runs(tmp_path):
