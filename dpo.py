@@ -34,11 +34,11 @@ parser.add_argument("--sft", default="runs/sft", help="SFT model directory: the 
 parser.add_argument("--data", default="toy", help="data.py spec of preference pairs")
 parser.add_argument("--split", default="train", help="training split, with an optional slice")
 parser.add_argument("--eval_split", default=None, help="held-out split; default: toy 'test', else 5%% carved from --split")
-parser.add_argument("--beta", type=float, default=0.1, help="β: strength of the implicit KL constraint to π_ref")
-parser.add_argument("--precompute_ref", type=int, default=1, help="1: π_ref's log-probs of all training pairs once before training; 0: in every step")
+parser.add_argument("--beta", type=plumbing.at_least(0.0, float, above=True), default=0.1, help="β: strength of the implicit KL constraint to π_ref")
+parser.add_argument("--precompute_ref", type=int, choices=[0, 1], default=1, help="1: π_ref's log-probs of all training pairs once before training; 0: in every step")
 parser.add_argument("--group_robust", action="store_true", help="GR-DPO (Ramesh et al. 2024): the loss is Σ_g α_g·(group g's mean DPO loss), the group weights α moved towards the groups whose loss is higher; needs a `group` on every pair")
-parser.add_argument("--robust_step", type=float, default=0.1, help="GR-DPO: η_α, the exponentiated-gradient step of the group weights α")
-parser.add_argument("--gold_prompts", type=int, default=200, help="toy only: greedy-decode this many test prompts and report gold scores")
+parser.add_argument("--robust_step", type=plumbing.at_least(0.0, float), default=0.1, help="GR-DPO: η_α, the exponentiated-gradient step of the group weights α")
+parser.add_argument("--gold_prompts", type=plumbing.at_least(0), default=200, help="toy only: greedy-decode this many test prompts and report gold scores")
 sft.add_training_flags(parser, out="runs/dpo", steps=300, lr=2e-4, eval_every=100, save_every=150)
 # fmt: on
 
@@ -99,6 +99,7 @@ def heldout_metrics(policy, reference, examples, pad_id, beta, d, batch_size=64)
 
 
 def main(args):
+    plumbing.check_model_dir(args.sft, "--sft", "lm")
     d, ckpt = sft.start(args, parser)
     train, heldout = data.train_and_heldout(data.load_pairs, args.data, args.split, args.eval_split, seed=args.seed,
                                             need_group=args.group_robust)
@@ -108,11 +109,11 @@ def main(args):
     reference = plumbing.shard(plumbing.load_model(args.sft, tokenizer, seed=args.seed), d, bf16=args.bf16, compile_blocks=args.compile)
     reference.eval().requires_grad_(False)  # π_ref stays the SFT model
     optimizer = sft.adamw(policy, args)
-    state = plumbing.load_optimizer_state(ckpt, {"model": policy}, {"model": optimizer}, d) if ckpt else {"step": 0}
+    state = sft.resumed_state(ckpt, policy, optimizer, d)
     first = state["step"]
-    train_ex = reward.tokenize_pairs(tokenizer, train, args.max_len)
-    heldout_ex = reward.tokenize_pairs(tokenizer, heldout[:1000], args.max_len)
-    log = plumbing.MetricsLog(os.path.join(args.out, "metrics.jsonl"), d, resume=ckpt is not None)
+    train_ex, train = reward.tokenize_pairs(tokenizer, train, args.max_len, report="dpo")
+    heldout_ex, _ = reward.tokenize_pairs(tokenizer, heldout[:1000], args.max_len)
+    log = plumbing.MetricsLog(os.path.join(args.out, "metrics.jsonl"), d, resume_at=state.get("log_bytes"))
     if d.main:
         print(f"dpo: {args.sft} on {args.data}: {len(train_ex)} train / {len(heldout_ex)} held-out pairs, "
               f"beta {args.beta}, {d.world} process(es), steps {first}..{args.steps}")

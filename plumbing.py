@@ -9,6 +9,8 @@ Under `python X.py` everything runs in one process with no process group and no 
 `torchrun --nproc_per_node N X.py` each decoder block is wrapped with FSDP2 `fully_shard`, then
 the root (gloo on CPU, NCCL and bf16 compute on CUDA).
 """
+import argparse
+import atexit
 import contextlib
 import dataclasses
 import functools
@@ -84,13 +86,18 @@ def seed_everything(seed):
 
 
 def rng_state():
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python's and numpy's generator states as JSON-able lists (torch's is a tensor: saved apart)."""
+    version, words, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(words), gauss], "numpy": [name, keys.tolist(), pos, has_gauss, cached]}
 
 
-def set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+def set_rng_state(state, torch_state):
+    version, words, gauss = state["python"]
+    random.setstate((version, tuple(words), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch_state)
 
 
 def batch_indices(step, batch_size, n, seed):
@@ -116,6 +123,99 @@ def rank_chunks(items, d, batch_size):
     same number of chunks, some possibly empty, because FSDP forwards are collective."""
     n_chunks = math.ceil(math.ceil(len(items) / d.world) / batch_size)
     return equal_chunks(items[d.rank::d.world], n_chunks, batch_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Flags and run directories
+# ----------------------------------------------------------------------------------------------
+def at_least(low, kind=int, above=False):
+    """An argparse type: a number ≥ low (> low with above=True); argparse names the flag when not."""
+    def number(text):
+        value = kind(text)
+        if not (value > low if above else value >= low) or value != value:  # value != value: NaN
+            raise argparse.ArgumentTypeError(f"must be {'>' if above else '≥'} {low}, got {text}")
+        return value
+    number.__name__ = kind.__name__
+    return number
+
+
+def fraction(text):
+    """An argparse type: a number in [0, 1]."""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def model_kind(path):
+    """'lm' or 'score' for a local model directory (its config's architectures), else None."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            names = json.load(f).get("architectures") or []
+    except (OSError, ValueError):
+        return None
+    return "score" if any(n.endswith("ForSequenceClassification") for n in names) else "lm" if names else None
+
+
+def check_model_dir(path, flag, want):
+    """A model directory passed to `flag` must be of the kind the flag takes: want 'lm' (a causal LM:
+    SFT, policy) or 'score' (a reward model or critic). A local path that does not exist is an error
+    here, before transformers would look it up on the hub."""
+    if path in ("tiny", "smollm2", "gold") or path.endswith(".gguf"):
+        return
+    if not os.path.exists(path):
+        first = os.path.normpath(path).split(os.sep)[0]
+        if path.startswith((".", "/", "~")) or path.count("/") != 1 or os.path.exists(first):
+            raise SystemExit(f"{flag} {path}: no such directory")
+        return  # owner/name: a hub id
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise SystemExit(f"{flag} {path}: no model here (config.json missing); train it first")
+    kind = model_kind(path)
+    if kind and kind != want:
+        names = {"lm": "a causal LM (an SFT or policy directory)", "score": "a reward model directory"}
+        raise SystemExit(f"{flag} {path}: this is {names[kind]}; {flag} takes {names[want]}")
+
+
+def check_same_tokenizer(tokenizers):
+    """{flag: tokenizer}: every model of a run must read the same token ids (vocabulary and special
+    tokens), or the run stops before training and says which differ (a reward model trained with
+    another tokenizer would score the wrong ids)."""
+    (first_flag, first), *rest = tokenizers.items()
+    for flag, tok in rest:
+        differ = [] if tok.get_vocab() == first.get_vocab() else [f"vocabulary ({len(tok)} against {len(first)} tokens)"]
+        differ += [f"{name} {getattr(tok, name)!r} against {getattr(first, name)!r}"
+                   for name in ("pad_token", "eos_token", "bos_token") if getattr(tok, name) != getattr(first, name)]
+        if differ:
+            raise SystemExit(f"{flag} and {first_flag} have different tokenizers: " + "; ".join(differ))
+
+
+def fail_if_mostly_skipped(name, skipped, planned, max_skipped):
+    """A run that trains nothing must not look finished: as soon as more than `max_skipped` of the
+    `planned` updates were skipped as non-finite, it stops (exit status 1) before saving a model."""
+    if skipped > max_skipped * planned:
+        raise SystemExit(f"{name}: {skipped} updates skipped as non-finite, more than --max_skipped {max_skipped} of the "
+                         f"{planned} planned; nothing saved. Lower the learning rate, or look for NaN in the data or the model")
+
+
+def lock_output(out, d):
+    """Claim the output directory for this run (rank 0 writes OUT/.lock with its process id): a second
+    run on the same --out is refused while the first lives, instead of interleaving their logs and
+    deleting each other's temporary checkpoints. A lock whose process is gone is taken over."""
+    if not d.main:
+        return
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, ".lock")
+    try:
+        with open(path) as f:
+            pid = int(f.read().strip() or 0)
+        if pid and pid != os.getpid():
+            os.kill(pid, 0)  # raises if no such process
+            raise SystemExit(f"{out} is in use by another run (process {pid}, {path}); wait for it or choose another --out")
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        pass
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))
+    atexit.register(lambda: os.path.exists(path) and open(path).read() == str(os.getpid()) and os.remove(path))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,20 +422,37 @@ def unsharded(model):
 # ----------------------------------------------------------------------------------------------
 # Tokens, batches and generation
 # ----------------------------------------------------------------------------------------------
-def encode(tokenizer, prompt, response=None, max_len=512, max_prompt_len=None):
+def encode(tokenizer, prompt, response=None, max_len=512, max_prompt_len=None, counts=None):
     """(prompt ids, response ids + EOS). The prompt is cut from the left to fit, the response from
-    the right; tokenized separately so the boundary between them is exact."""
+    the right; tokenized separately so the boundary between them is exact. `counts` (a Counter), if
+    given, counts what was cut: 'cut' (prompt or response), 'lost_eos' (the response's EOS)."""
     text, add_special = data.chat_prompt(tokenizer, prompt)
-    p = tokenizer(text, add_special_tokens=add_special)["input_ids"]
-    p = p[-(max_prompt_len or max_len):]
+    full_p = tokenizer(text, add_special_tokens=add_special)["input_ids"]
+    p = full_p[-(max_prompt_len or max_len):]
     if response is None:
         return p, []
     if not add_special:  # chat format: the template supplies the spacing
         response = response.strip()
-    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    r = r[: max(1, max_len - len(p))]
+    full_r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    r = full_r[: max(1, max_len - len(p))]
     p = p[-(max_len - len(r)):] if len(p) + len(r) > max_len else p
+    if counts is not None:
+        counts["cut"] += len(p) < len(full_p) or len(r) < len(full_r)
+        counts["lost_eos"] += len(r) < len(full_r)
     return p, r
+
+
+def report_truncation(stage, counts, n, max_len, what="examples"):
+    """One line on what --max_len cut (from encode's counts), and a warning when it is much."""
+    shares = {k: counts[k] / max(n, 1) for k in ("cut", "lost_eos", "identical")}
+    line = (f"{stage}: at --max_len {max_len}, {100 * shares['cut']:.1f}% of {n} {what} cut, "
+            f"{100 * shares['lost_eos']:.1f}% lost their EOS")
+    if counts["identical"]:
+        line += f", {counts['identical']} made identical (dropped)"
+    if shares["cut"] > 0.1 or shares["lost_eos"] > 0.05:
+        line += ": WARNING, a large share; raise --max_len"
+    if os.environ.get("RANK", "0") == "0":
+        print(line)
 
 
 def pad_batch(seqs, pad_id, left=False, width=None):
@@ -653,8 +770,11 @@ def save_checkpoint(ckpt_dir, models, optimizers, tokenizer, state, d):
             if rest:
                 torch.save(rest, os.path.join(tmp, name, "extra_heads.pt"))
     if d.main:
-        torch.save({"optimizers": opt_states, "state": state, "rng": rng_state()},
-                   os.path.join(tmp, "trainer_state.pt"))
+        # tensors (optimizer state, torch's RNG) in a file torch.load reads with weights_only=True, so that
+        # resuming never runs code from a checkpoint; everything else as JSON
+        torch.save({"optimizers": opt_states, "torch_rng": torch.get_rng_state()}, os.path.join(tmp, "trainer_state.pt"))
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump({"state": state, "rng": rng_state()}, f)
         _replace_dir(tmp, ckpt_dir)
     if d.sharded:
         dist.barrier()
@@ -663,31 +783,64 @@ def save_checkpoint(ckpt_dir, models, optimizers, tokenizer, state, d):
 def find_checkpoint(ckpt_dir):
     """The newest complete checkpoint (falls back to `.old` if a swap was interrupted)."""
     for path in (ckpt_dir, ckpt_dir.rstrip("/") + ".old"):
-        if os.path.exists(os.path.join(path, "trainer_state.pt")):
+        if all(os.path.exists(os.path.join(path, f"trainer_state.{ext}")) for ext in ("pt", "json")):
             return path
     return None
+
+
+def checkpoint_state(ckpt):
+    """The `state` a checkpoint was saved with (step, the run's flags, the log's length, …)."""
+    with open(os.path.join(ckpt, "trainer_state.json")) as f:
+        return json.load(f)["state"]
 
 
 def load_optimizer_state(ckpt, models, optimizers, d):
     """Restore the optimizers and RNG saved by save_checkpoint; returns the saved `state`."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    saved = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
+    tensors = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)
+    with open(os.path.join(ckpt, "trainer_state.json")) as f:
+        saved = json.load(f)
     for name, model in models.items():
-        set_optimizer_state_dict(model, optimizers[name], optim_state_dict=saved["optimizers"][name],
+        set_optimizer_state_dict(model, optimizers[name], optim_state_dict=tensors["optimizers"][name],
                                  options=StateDictOptions(full_state_dict=True))
-    set_rng_state(saved["rng"])
+    set_rng_state(saved["rng"], tensors["torch_rng"])
     return saved["state"]
 
 
-class MetricsLog:
-    """JSON lines, one per logged step, written by rank 0 only (appends on resume)."""
+def resume_from(args, parser, may_change):
+    """--resume: the newest checkpoint in OUT/checkpoint (no checkpoint is an error), whose saved
+    flags must equal this run's but for `may_change` (steps, logging, …): a flag that changes the
+    model, the data or a shape is an error that names it. None without --resume."""
+    if not args.resume:
+        return None
+    ckpt = find_checkpoint(os.path.join(args.out, "checkpoint"))
+    if ckpt is None:
+        parser.error(f"--resume: no checkpoint in {os.path.join(args.out, 'checkpoint')} (nothing to resume; drop --resume to start anew)")
+    saved, now = checkpoint_state(ckpt).get("args", {}), json.loads(json.dumps(vars(args)))
+    differ = sorted(k for k in set(saved) | set(now) if k not in may_change and saved.get(k) != now.get(k))
+    if differ:
+        parser.error("--resume: these flags differ from the run being resumed: "
+                     + ", ".join(f"--{k} {now.get(k)!r} (was {saved.get(k)!r})" for k in differ))
+    return ckpt
 
-    def __init__(self, path, d, resume=False):
+
+class MetricsLog:
+    """JSON lines, one per logged step, written by rank 0 only. On resume the file is first cut back
+    to its length when the checkpoint was saved (`resume_at`, from tell()): rows logged after the
+    checkpoint, by the run that died, are logged again by the resumed run, not twice."""
+
+    def __init__(self, path, d, resume_at=None):
         self.file = None
         if d.main:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            self.file = open(path, "a" if resume else "w")
+            if resume_at is not None and os.path.exists(path):
+                os.truncate(path, resume_at)
+            self.file = open(path, "a" if resume_at is not None else "w")
         self.start = time.time()
+
+    def tell(self):
+        """The log's length in bytes so far (rank 0; None elsewhere), kept in each checkpoint."""
+        return self.file.tell() if self.file else None
 
     def log(self, step, metrics):
         if self.file:

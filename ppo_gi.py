@@ -45,6 +45,9 @@ import plumbing
 import reward
 import sft
 
+count, rate = plumbing.at_least(1), plumbing.at_least(0.0, float)
+# flags that --resume may change: how long, how often to log, evaluate or save; none changes the model, the data or a shape
+MAY_CHANGE_ON_RESUME = {"steps", "stop_at", "resume", "save_every", "log_every", "eval_prompts", "max_skipped", "grad_cos"}
 # fmt: off
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 parser.add_argument("--sft", default="runs/sft", help="SFT directory: initial policy and frozen reference π^SFT")
@@ -52,46 +55,47 @@ parser.add_argument("--reward", default="runs/reward", help="reward model direct
 parser.add_argument("--data", default="toy", help="data.py spec of prompts")
 parser.add_argument("--split", default="rl", help="prompt split")
 parser.add_argument("--out", default="runs/gi_ppo", help="output directory")
-parser.add_argument("--steps", type=int, default=60, help="PPO iterations (rollout + update)")
-parser.add_argument("--rollout_batch", type=int, default=64, help="prompts per iteration (all ranks together)")
-parser.add_argument("--minibatch", type=int, default=64, help="samples per PPO minibatch (all ranks together); large, so that a step follows the reward rather than sampling noise")
-parser.add_argument("--ppo_epochs", type=int, default=1, help="passes over each rollout (MOSS-RLHF: 1)")
-parser.add_argument("--max_new_tokens", type=int, default=24, help="response length limit")
-parser.add_argument("--min_new_tokens", type=int, default=0, help="suppress EOS before this many tokens (benchmarks)")
-parser.add_argument("--max_prompt_len", type=int, default=128, help="prompts are cut from the left to this many tokens")
-parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; log-probs are taken at the same T")
-parser.add_argument("--lr", type=float, default=2e-5, help="policy learning rate, small enough that a no-signal run (--shuffle_rewards) leaves the policy where it was (pipeline.sh: 6e-5 on the built-in task; 5e-7 at 7B)")
-parser.add_argument("--critic_lr", type=float, default=3e-4, help="critic + group head learning rate: the value head must track returns within a few iterations (1.5e-6 at 7B)")
-parser.add_argument("--kl_coef", type=float, default=0.05, help="η: KL penalty coefficient (0: PPO without KL)")
+parser.add_argument("--steps", type=count, default=60, help="PPO iterations (rollout + update)")
+parser.add_argument("--rollout_batch", type=count, default=64, help="prompts per iteration (all ranks together)")
+parser.add_argument("--minibatch", type=count, default=64, help="samples per PPO minibatch (all ranks together); large, so that a step follows the reward rather than sampling noise")
+parser.add_argument("--ppo_epochs", type=count, default=1, help="passes over each rollout (MOSS-RLHF: 1)")
+parser.add_argument("--max_new_tokens", type=count, default=24, help="response length limit")
+parser.add_argument("--min_new_tokens", type=plumbing.at_least(0), default=0, help="suppress EOS before this many tokens (benchmarks)")
+parser.add_argument("--max_prompt_len", type=count, default=128, help="prompts are cut from the left to this many tokens")
+parser.add_argument("--temperature", type=plumbing.at_least(0.0, float, above=True), default=1.0, help="sampling temperature; log-probs are taken at the same T")
+parser.add_argument("--lr", type=rate, default=2e-5, help="policy learning rate, small enough that a no-signal run (--shuffle_rewards) leaves the policy where it was (pipeline.sh: 6e-5 on the built-in task; 5e-7 at 7B)")
+parser.add_argument("--critic_lr", type=rate, default=3e-4, help="critic + group head learning rate: the value head must track returns within a few iterations (1.5e-6 at 7B)")
+parser.add_argument("--kl_coef", type=rate, default=0.05, help="η: KL penalty coefficient (0: PPO without KL)")
 parser.add_argument("--kl_estimator", choices=["k1", "k3"], default="k1", help="per-token KL estimate penalized and logged")
-parser.add_argument("--beta_policy", type=float, default=0.5, help="β_policy: weight of R_var in the policy loss: how far learning shifts from the best group to the worst (at β_policy·groups/weight_abs_mean > 1 the best group's PPO signal reverses)")
-parser.add_argument("--beta_critic", type=float, default=1.0, help="β_critic: weight of R_var / Var(G) (maximized, so scale-free) in the critic loss")
+parser.add_argument("--beta_policy", type=rate, default=0.5, help="β_policy: weight of R_var in the policy loss: how far learning shifts from the best group to the worst (at β_policy·groups/weight_abs_mean > 1 the best group's PPO signal reverses)")
+parser.add_argument("--beta_critic", type=rate, default=1.0, help="β_critic: weight of R_var / Var(G) (maximized, so scale-free) in the critic loss")
 parser.add_argument("--groups", choices=["inferred", "known"], default="inferred", help="inferred: the paper's p_φ(g|x,y), a head on the critic trained to maximize R_var; known: each record's `group` label as a one-hot p(g|x) (φ takes no step; M = the number of labels)")
 parser.add_argument("--group_input", choices=["response", "prompt"], default="response", help="what p_φ reads: the critic's hidden state at the last response token (the paper's p_φ(g|x,y)) or at the last prompt token (p_φ(g|x): groups of prompts)")
-parser.add_argument("--n_groups", type=int, default=2, help="M, the number of inferred groups")
-parser.add_argument("--min_group_frac", type=float, default=1.0, help="a group's mean divides by at least this · batch / M samples, so φ cannot isolate one outlier (0: the slide's raw soft mean)")
+parser.add_argument("--n_groups", type=count, default=2, help="M, the number of inferred groups")
+parser.add_argument("--min_group_frac", type=rate, default=1.0, help="a group's mean divides by at least this · batch / M samples, so φ cannot isolate one outlier (0: the slide's raw soft mean)")
 parser.add_argument("--j_form", choices=["derived", "slide"], default="derived", help="J_i inside R_g: derived = value G_i (the return), θ-gradient of the PPO surrogate S_i (the chain rule); slide = Σ_t log π_θ·R_t taken as a value")
-parser.add_argument("--grad_cos", type=int, default=0, help="diagnostic: log groups/grad_cos, the cosine between the θ-gradients of the PPO and group terms (costs one extra backward per iteration)")
+parser.add_argument("--grad_cos", type=int, choices=[0, 1], default=0, help="diagnostic: log groups/grad_cos, the cosine between the θ-gradients of the PPO and group terms (costs one extra backward per iteration)")
 parser.add_argument("--no_gi", action="store_true", help="plain PPO: no group invariant term, p_high ≡ 1")
 parser.add_argument("--fixed_kl", action="store_true", help="keep group invariance, but p_high ≡ 1 (no adaptive KL)")
 parser.add_argument("--kl_weight", choices=["group", "rank"], default="group", help="per-sample KL weight: group = p_φ(g_high|x,y) (≡ 1 with --no_gi or --fixed_kl); rank = the rank of the sample's score in its rollout batch, scaled to [0, 1] (the adaptive KL with the groups collapsed onto reward level)")
-parser.add_argument("--gamma", type=float, default=1.0, help="GAE γ")
-parser.add_argument("--lam", type=float, default=0.95, help="GAE λ")
-parser.add_argument("--cliprange", type=float, default=0.2, help="PPO ratio clip ε")
-parser.add_argument("--cliprange_value", type=float, default=0.2, help="value clip")
-parser.add_argument("--whiten_advantages", type=int, default=1, help="whiten advantages over valid tokens of the rollout, all ranks (1) or not (0)")
-parser.add_argument("--no_eos_margin", type=float, default=1.0, help="a response that never emits EOS scores this far (scaled units) below the batch's lowest finished response")
+parser.add_argument("--gamma", type=plumbing.fraction, default=1.0, help="GAE γ")
+parser.add_argument("--lam", type=plumbing.fraction, default=0.95, help="GAE λ")
+parser.add_argument("--cliprange", type=plumbing.at_least(0.0, float, above=True), default=0.2, help="PPO ratio clip ε")
+parser.add_argument("--cliprange_value", type=plumbing.at_least(0.0, float, above=True), default=0.2, help="value clip")
+parser.add_argument("--whiten_advantages", type=int, choices=[0, 1], default=1, help="whiten advantages over valid tokens of the rollout, all ranks (1) or not (0)")
+parser.add_argument("--no_eos_margin", type=rate, default=1.0, help="a response that never emits EOS scores this far (scaled units) below the batch's lowest finished response")
 parser.add_argument("--shuffle_rewards", action="store_true", help="no-signal control: permute the final scores (no-EOS floor included) within each rank's share of the rollout batch, so any change is the update's noise")
-parser.add_argument("--reward_clip", type=float, default=0.0, help="clip the scaled score to ±this (0: off; PPO-max uses 0.8)")
-parser.add_argument("--eval_prompts", type=int, default=200, help="toy only: greedy-decode this many test prompts at the end and report gold scores")
-parser.add_argument("--save_every", type=int, default=20, help="checkpoint every K iterations (0: never)")
-parser.add_argument("--stop_at", type=int, default=None, help="stop after this iteration as if interrupted (for resume tests)")
-parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+parser.add_argument("--reward_clip", type=rate, default=0.0, help="clip the scaled score to ±this (0: off; PPO-max uses 0.8)")
+parser.add_argument("--eval_prompts", type=plumbing.at_least(0), default=200, help="toy only: greedy-decode this many test prompts at the end and report gold scores")
+parser.add_argument("--save_every", type=plumbing.at_least(0), default=20, help="checkpoint every K iterations (0: never)")
+parser.add_argument("--stop_at", type=count, default=None, help="stop after this iteration as if interrupted (for resume tests)")
+parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint; only these flags may differ from the run being resumed: " + ", ".join(f"--{k}" for k in sorted(MAY_CHANGE_ON_RESUME)))
+parser.add_argument("--max_skipped", type=plumbing.fraction, default=0.1, help="fail (no model saved, exit 1) when more than this share of the updates were skipped as non-finite")
 parser.add_argument("--seed", type=int, default=1, help="seed for data order and sampling")
 parser.add_argument("--bf16", type=int, default=None, help="bf16 autocast compute, fp32 weights (default: on under CUDA, off on CPU)")
 parser.add_argument("--generate_cache", choices=plumbing.CACHE_KINDS, default=None, help="rollout KV cache: dynamic, static, or compiled (static + compiled decode step); default: plumbing.GENERATE_CACHE for the device")
 parser.add_argument("--generate_impl", choices=plumbing.GENERATE_IMPLS, default=None, help="rollout sampler: loop (plumbing's own decoding loop) or hf (transformers' generate, for comparison); default: plumbing.GENERATE_IMPL")
-parser.add_argument("--log_every", type=int, default=1, help="metrics every K iterations")
+parser.add_argument("--log_every", type=count, default=1, help="metrics every K iterations")
 # fmt: on
 
 
@@ -234,8 +238,13 @@ class RunningStd:
         self.count, self.mean, self.m2 = 0.0, 0.0, 0.0
 
     def update(self, x, d):
-        x = x.double()  # sums of squares in float64: float32 can make m2 of equal values negative
+        finite = torch.isfinite(x)
+        if not finite.all():  # one NaN would leave the std NaN for the rest of the run
+            print(f"ppo_gi: RunningStd ignores {int((~finite).sum())} non-finite score(s) of {len(x)}")
+        x = x[finite].double()  # sums of squares in float64: float32 can make m2 of equal values negative
         s = plumbing.all_reduce_sum(torch.stack([x.new_tensor(float(len(x))), x.sum(), (x * x).sum()]), d)
+        if s[0] == 0:
+            return
         n, mean = s[0].item(), (s[1] / s[0]).item()
         m2 = max((s[2] - s[0] * mean ** 2).item(), 0.0)
         delta, total = mean - self.mean, self.count + n
@@ -322,6 +331,9 @@ def rollout(args, d, policy, reference, critic, scorer, tokenizer, prompts, it, 
     with torch.no_grad():
         # 2. score; scale by the running std; no EOS → below every finished response (PPO_DETAILS 5)
         raw = scorer(prompts, texts, ids, mask)
+        bad = int(plumbing.all_reduce_sum((~torch.isfinite(raw)).sum().float(), d).item())
+        if bad:  # every rank has the count, so every rank stops
+            raise SystemExit(f"ppo_gi: {bad} rollout score(s) from --reward {args.reward} are not finite (NaN or inf); stopped before training on them")
         scores = shape_scores(args, d, raw - scorer.center, has_eos.to(d.device), running, it)
         # 3. old log-probs (the sampler's own, PPO_DETAILS 2: the same weights and T), reference
         # log-probs, values, group probabilities
@@ -351,9 +363,9 @@ def rollout(args, d, policy, reference, critic, scorer, tokenizer, prompts, it, 
                 perf={"perf/gen_s": t_gen, "perf/score_s": time.perf_counter() - t0 - t_gen})
 
 
-def optimizer_step(loss, model, optimizer, log_stats, backward=True):
+def optimizer_step(loss, model, optimizer, log_stats, who, backward=True):
     """Backward (unless the gradients are already in .grad), clip at 1.0, step; a non-finite loss
-    or gradient norm skips the step and is counted (PPO_DETAILS 13, 18)."""
+    or gradient norm skips the step, says so and is counted (PPO_DETAILS 13, 18)."""
     if backward:
         loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -362,6 +374,8 @@ def optimizer_step(loss, model, optimizer, log_stats, backward=True):
         optimizer.step()
     else:
         log_stats["skipped"] = log_stats.get("skipped", 0) + 1
+        if os.environ.get("RANK", "0") == "0":
+            print(f"ppo_gi: non-finite {who} loss or gradient ({loss.item():.4g}, {norm.item():.4g}); update skipped")
     optimizer.zero_grad(set_to_none=True)
 
 
@@ -420,9 +434,9 @@ def ppo_update(args, d, policy, critic, opt_policy, opt_critic, batch, log_stats
             gi_loss = args.beta_policy * r_var_theta if gi else 0.0
             if gi and k == 0 and epoch == 0 and args.grad_cos:
                 log_stats["groups/grad_cos"] = [gradient_cosine(policy, pg_loss * d.world, gi_loss, d)]
-                optimizer_step(pg_loss * d.world + gi_loss, policy, opt_policy, log_stats, backward=False)
+                optimizer_step(pg_loss * d.world + gi_loss, policy, opt_policy, log_stats, "policy", backward=False)
             else:
-                optimizer_step(pg_loss * d.world + gi_loss, policy, opt_policy, log_stats)
+                optimizer_step(pg_loss * d.world + gi_loss, policy, opt_policy, log_stats, "policy")
 
             # critic step: the clipped value loss − β_critic·R_var (θ's terms detached): φ ascends R_var.
             # With known groups there is no φ: the labels stand in for it, and only the values learn.
@@ -431,7 +445,7 @@ def ppo_update(args, d, policy, critic, opt_policy, opt_critic, batch, log_stats
                                              G if args.j_form == "derived" else J, p_phi, n_tok=n_tok,
                                              cliprange_value=args.cliprange_value, n_min=n_min, reduce=reduce)
             phi_learns = gi and args.groups == "inferred"
-            optimizer_step(vf_loss * d.world - (args.beta_critic * r_var_phi if phi_learns else 0.0), critic, opt_critic, log_stats)
+            optimizer_step(vf_loss * d.world - (args.beta_critic * r_var_phi if phi_learns else 0.0), critic, opt_critic, log_stats, "critic")
 
             with torch.no_grad():
                 old_logp, v, old_v = mb["logp"], values[:, P - 1:-1], mb["values"]
@@ -492,23 +506,40 @@ def iteration_metrics(args, d, batch, stats, running):
     return m
 
 
+def write_rollouts(path, batch):
+    """The last iteration's samples as JSON lines, written whole or not at all (rank 0)."""
+    rows = [{"prompt": p, "response": t, "reward": s} for p, t, s in zip(batch["prompts"], batch["texts"], batch["raw"].tolist())]
+    with open(path + ".tmp", "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(path + ".tmp", path)
+
+
 def main(args):
+    plumbing.check_model_dir(args.sft, "--sft", "lm")
+    plumbing.check_model_dir(args.reward, "--reward", "score")
     d = plumbing.init_distributed()
     if args.rollout_batch % (d.world * (args.rollout_batch // args.minibatch)) or args.rollout_batch % args.minibatch:
         parser.error(f"--rollout_batch {args.rollout_batch} must be a multiple of --minibatch {args.minibatch}, "
                      f"and each minibatch must split evenly over {d.world} ranks")
     if args.reward == "gold" and args.data != "toy":
         parser.error("--reward gold is the built-in task's judge: it needs --data toy")
+    if not args.no_gi and args.groups == "inferred" and args.n_groups < 2:
+        parser.error(f"--n_groups {args.n_groups}: GI-PPO needs at least 2 groups (with one, R_var is always 0; --no_gi is PPO)")
     bf16 = bool(args.bf16) if args.bf16 is not None else d.device.type == "cuda"
     plumbing.seed_everything(args.seed)
-    ckpt = plumbing.find_checkpoint(os.path.join(args.out, "checkpoint")) if args.resume else None
     records = data.load_prompts(args.data, args.split, need_group=args.groups == "known")
     prompts, labels = [x["prompt"] for x in records], None
     if args.groups == "known":  # label → index from the sorted names: the same on every rank
         names = data.group_names(records)
+        if len(names) < 2 and not args.no_gi:
+            parser.error(f"--groups known: {args.data} [{args.split}] has one group label ({names[0]}); GI-PPO needs at least 2")
         args.n_groups = len(names)
         labels = torch.tensor([names.index(x["group"]) for x in records])
+    plumbing.lock_output(args.out, d)
+    ckpt = plumbing.resume_from(args, parser, MAY_CHANGE_ON_RESUME)
     tokenizer = plumbing.load_tokenizer(args.sft)
+    if args.reward != "gold":  # the reward model reads the policy's token ids: the same tokenizer, or stop here
+        plumbing.check_same_tokenizer({"--sft": tokenizer, "--reward": plumbing.load_tokenizer(args.reward)})
     policy = plumbing.load_model(os.path.join(ckpt, "policy") if ckpt else args.sft, tokenizer)
     reference = plumbing.load_model(args.sft, tokenizer)
     critic_source = os.path.join(ckpt, "critic") if ckpt else (args.sft if args.reward == "gold" else args.reward)
@@ -521,11 +552,12 @@ def main(args):
     opt_policy = plumbing.optimizer(policy, args.lr)  # AdamW, fused on CUDA
     opt_critic = plumbing.optimizer(critic, args.critic_lr)
     models, optimizers = {"policy": policy, "critic": critic}, {"policy": opt_policy, "critic": opt_critic}
-    running, first = RunningStd(), 0
+    running, state = RunningStd(), {"step": 0}
     if ckpt:
         state = plumbing.load_optimizer_state(ckpt, models, optimizers, d)
-        first, running.__dict__ = state["step"], state["running"]
-    log = plumbing.MetricsLog(os.path.join(args.out, "metrics.jsonl"), d, resume=ckpt is not None)
+        running.__dict__.update(state["running"])
+    first = state["step"]
+    log = plumbing.MetricsLog(os.path.join(args.out, "metrics.jsonl"), d, resume_at=state.get("log_bytes"))
     if d.main:
         variant = "PPO" + (" w/o KL" if args.kl_coef == 0 else " w/ KL") if args.no_gi else \
             "GI-PPO" + (" (fixed KL)" if args.fixed_kl else "") + (" (β_policy = 0)" if args.beta_policy == 0 else "")
@@ -534,6 +566,8 @@ def main(args):
         if labels is not None:
             print("ppo_gi: known groups " + ", ".join(f"{g}={name}" for g, name in enumerate(names)))
 
+    # updates this process will try: policy and critic, per minibatch and epoch, per iteration
+    planned, skipped = 2 * args.ppo_epochs * (args.rollout_batch // args.minibatch) * (min(args.stop_at or args.steps, args.steps) - first), 0
     bar = plumbing.progress(range(first, args.steps), d, initial=first, total=args.steps, desc="ppo")
     for it in bar:
         idx = plumbing.batch_indices(it, args.rollout_batch, len(prompts), args.seed)
@@ -542,28 +576,28 @@ def main(args):
                         labels=None if labels is None else labels[mine])
         stats, t_train = {}, time.perf_counter()
         ppo_update(args, d, policy, critic, opt_policy, opt_critic, batch, stats, it)
+        skipped += stats.get("skipped", 0)
+        plumbing.fail_if_mostly_skipped("ppo_gi", skipped, planned, args.max_skipped)
         perf = {**batch["perf"], "perf/train_s": time.perf_counter() - t_train, "perf/peak_rss_mb": plumbing.peak_rss_mb()}
         perf["perf/step_s"] = perf["perf/gen_s"] + perf["perf/score_s"] + perf["perf/train_s"]
         # tokens of all ranks: generated (response up to its EOS) and real (non-pad) prompt + response
         n_gen, n_seq = plumbing.all_reduce_sum(torch.stack([batch["r_mask"].sum().float(), batch["mask"].sum().float()]), d).tolist()
         perf["perf/gen_tokens_per_s"] = n_gen / max(perf["perf/gen_s"], 1e-9)
         perf.update(plumbing.perf_metrics(n_seq, perf["perf/step_s"], d.device))
-        if (it + 1) % args.log_every == 0 or it == first:
+        if (it + 1) % args.log_every == 0 or it == 0:
             m = iteration_metrics(args, d, batch, stats, running)
             log.log(it + 1, {**m, **perf, "lr": args.lr})
             bar.set_postfix(score=f"{m['objective/scores']:.3f}", kl=f"{m['objective/kl']:.3f}")
+        if it + 1 == args.steps and d.main:  # before the final checkpoint: a run resumed from it keeps them
+            write_rollouts(os.path.join(args.out, "rollouts.jsonl"), batch)
         if args.save_every and ((it + 1) % args.save_every == 0 or it + 1 in (args.steps, args.stop_at)):
             plumbing.save_checkpoint(os.path.join(args.out, "checkpoint"), models, optimizers, tokenizer,
-                                     {"step": it + 1, "running": dict(running.__dict__)}, d)
+                                     {"step": it + 1, "running": dict(running.__dict__), "args": vars(args), "log_bytes": log.tell()}, d)
         if it + 1 == args.stop_at:
             if d.main:
                 print(f"ppo_gi: stopped at iteration {it + 1} (--stop_at); continue with --resume")
             plumbing.close_distributed(d)
             return
-    if d.main:
-        with open(os.path.join(args.out, "rollouts.jsonl"), "w") as f:
-            for p, t, s in zip(batch["prompts"], batch["texts"], batch["raw"].tolist()):
-                f.write(json.dumps({"prompt": p, "response": t, "reward": s}) + "\n")
     if args.data == "toy" and args.eval_prompts:
         test = [x["prompt"] for x in data.load_prompts("toy", f"test[:{args.eval_prompts}]")]
         gold = sft.gold_by_group(policy, tokenizer, test, d)
@@ -571,8 +605,8 @@ def main(args):
         log.log(args.steps, summary)
         if d.main:
             print("ppo_gi: greedy gold on test: " + "  ".join(f"{k[10:]}={v:.3f}" for k, v in summary.items()))
-    plumbing.save_model(policy, tokenizer, args.out, d, extra={"ppo_args.json": vars(args)})
     plumbing.save_model(critic, tokenizer, os.path.join(args.out, "critic"), d)
+    plumbing.save_model(policy, tokenizer, args.out, d, extra={"ppo_args.json": vars(args)})  # config.json last: the run is done
     if d.main:
         print(f"ppo_gi: saved {args.out} (policy) and {args.out}/critic")
     log.close()

@@ -19,6 +19,7 @@ num_labels=1, so `from_pretrained` reloads it), the tokenizer, reward_stats.json
 the scores on the training pairs, for later stages to normalize by), metrics.jsonl, checkpoint/.
 """
 import argparse
+import collections
 import json
 import math
 import os
@@ -37,7 +38,7 @@ parser.add_argument("--sft", default="runs/sft", help="SFT model directory (or a
 parser.add_argument("--data", default="toy", help="data.py spec of preference pairs")
 parser.add_argument("--split", default="train", help="training split, with an optional slice")
 parser.add_argument("--eval_split", default=None, help="held-out split; default: toy 'test', else 5%% carved from --split")
-parser.add_argument("--stats_pairs", type=int, default=4096, help="training pairs scored at the end for reward_stats.json")
+parser.add_argument("--stats_pairs", type=plumbing.at_least(1), default=4096, help="training pairs scored at the end for reward_stats.json")
 sft.add_training_flags(parser, out="runs/reward", steps=400, lr=1e-3, eval_every=100, save_every=200)
 # fmt: on
 
@@ -79,15 +80,25 @@ def load_reward_model(path, tokenizer, seed=0):
     return RewardModel(plumbing.load_model(path, tokenizer, seed=seed, head="score"))
 
 
-def tokenize_pairs(tokenizer, pairs, max_len):
-    """(prompt ids, chosen ids + EOS, prompt ids, rejected ids + EOS) per preference pair; the
-    prompt is cut separately for each side so that both fit in max_len."""
-    out = []
+def tokenize_pairs(tokenizer, pairs, max_len, report=None):
+    """(prompt ids, chosen ids + EOS, prompt ids, rejected ids + EOS) per preference pair, the
+    prompt cut separately for each side so that both fit in max_len, and the pairs kept: a pair
+    that the cut made identical on both sides teaches nothing and is dropped. `report` names the
+    stage whose line on what --max_len cut is printed. Returns (examples, kept pairs)."""
+    examples, kept, counts = [], [], collections.Counter()
     for x in pairs:
-        p, c = plumbing.encode(tokenizer, x["prompt"], x["chosen"], max_len=max_len)
-        p2, r = plumbing.encode(tokenizer, x["prompt"], x["rejected"], max_len=max_len)
-        out.append((p, c, p2, r))
-    return out
+        sides = collections.Counter()
+        p, c = plumbing.encode(tokenizer, x["prompt"], x["chosen"], max_len=max_len, counts=sides)
+        p2, r = plumbing.encode(tokenizer, x["prompt"], x["rejected"], max_len=max_len, counts=sides)
+        counts.update({k: 1 for k, v in sides.items() if v})  # a pair counts once, whichever side was cut
+        if p + c == p2 + r:
+            counts["identical"] += 1
+            continue
+        examples.append((p, c, p2, r))
+        kept.append(x)
+    if report:
+        plumbing.report_truncation(report, counts, len(pairs), max_len, "pairs")
+    return examples, kept
 
 
 def pair_batch(examples, pad_id):
@@ -162,16 +173,18 @@ def heldout_metrics(model, examples, pairs, pad_id, d):
 
 
 def main(args):
+    plumbing.check_model_dir(args.sft, "--sft", "lm")
     d, ckpt = sft.start(args, parser)
     train, heldout = data.train_and_heldout(data.load_pairs, args.data, args.split, args.eval_split, seed=args.seed)
     source = os.path.join(ckpt, "model") if ckpt else args.sft
     tokenizer = plumbing.load_tokenizer(source)
     model = plumbing.shard(load_reward_model(source, tokenizer, seed=args.seed), d, bf16=args.bf16, compile_blocks=args.compile)
     optimizer = sft.adamw(model, args)
-    first = plumbing.load_optimizer_state(ckpt, {"model": model}, {"model": optimizer}, d)["step"] if ckpt else 0
-    train_ex = tokenize_pairs(tokenizer, train, args.max_len)
-    heldout_ex = tokenize_pairs(tokenizer, heldout[:2000], args.max_len)
-    log = plumbing.MetricsLog(os.path.join(args.out, "metrics.jsonl"), d, resume=ckpt is not None)
+    state = sft.resumed_state(ckpt, model, optimizer, d)
+    first = state["step"]
+    train_ex, train = tokenize_pairs(tokenizer, train, args.max_len, report="reward")
+    heldout_ex, heldout = tokenize_pairs(tokenizer, heldout[:2000], args.max_len)
+    log = plumbing.MetricsLog(os.path.join(args.out, "metrics.jsonl"), d, resume_at=state.get("log_bytes"))
     if d.main:
         print(f"reward: {args.sft} on {args.data}: {len(train_ex)} train / {len(heldout_ex)} held-out pairs, "
               f"{d.world} process(es), steps {first}..{args.steps}")
@@ -187,12 +200,14 @@ def main(args):
 
     finished = sft.supervised_loop(
         args, d, model, optimizer, tokenizer, train_ex, micro_loss, batch_weight=len,
-        evaluate=lambda: heldout_metrics(model, heldout_ex, heldout[:2000], tokenizer.pad_token_id, d),
+        evaluate=lambda: heldout_metrics(model, heldout_ex, heldout, tokenizer.pad_token_id, d),
         log=log, first_step=first, name="reward")
     if finished:
         train_scores = pair_rewards(model, train_ex[: args.stats_pairs], tokenizer.pad_token_id, d).flatten()
         stats = {"mean": train_scores.mean().item(), "std": train_scores.std().item(), "n_scores": len(train_scores)}
-        summary = heldout_metrics(model, heldout_ex, heldout[:2000], tokenizer.pad_token_id, d)
+        if not (math.isfinite(stats["mean"]) and math.isfinite(stats["std"])):  # later stages scale by them
+            raise SystemExit(f"reward: the scores of its training pairs are not finite (mean {stats['mean']}, std {stats['std']}); nothing saved")
+        summary = heldout_metrics(model, heldout_ex, heldout, tokenizer.pad_token_id, d)
         log.log(args.steps, {**summary, **{f"train_scores/{k}": v for k, v in stats.items()}})
         plumbing.save_model(model, tokenizer, args.out, d, extra={"reward_stats.json": stats, "reward_args.json": vars(args)})
         if d.main:

@@ -17,6 +17,7 @@ Writes `--out` (default runs/sft): the model and tokenizer (save_pretrained), me
 and checkpoint/ (every --save_every steps; --resume continues from it to the same result).
 """
 import argparse
+import collections
 import math
 import os
 import time
@@ -27,29 +28,36 @@ import data
 import plumbing
 
 
+# flags that --resume may change: how long, how often to log, evaluate or save; none changes the model, the data or a shape
+MAY_CHANGE_ON_RESUME = {"steps", "stop_at", "resume", "save_every", "log_every", "eval_every", "gold_prompts", "max_skipped"}
+
+
 def add_training_flags(parser, **defaults):
     """The flags SFT, reward.py and dpo.py share (defined before the parser, which uses it); each
     stage passes its own defaults (e.g. out=, lr=)."""
+    count, rate = plumbing.at_least(1), plumbing.at_least(0.0, float)
     flags = [  # name, type, default, help
         ("out", str, None, "output directory"),
-        ("steps", int, 1000, "optimizer steps"),
-        ("batch_size", int, 64, "global batch (examples per optimizer step, all ranks together)"),
-        ("grad_accum", int, 1, "micro-batches per rank per optimizer step"),
-        ("lr", float, 2e-3, "peak learning rate (tiny models ~1e-3; ~1e-5 at 7B)"),
-        ("warmup", int, 30, "linear warm-up steps, then cosine decay to 10%%"),
-        ("weight_decay", float, 0.0, "AdamW weight decay"),
-        ("max_len", int, 128, "max tokens of prompt + response"),
-        ("eval_every", int, 250, "held-out evaluation every K steps"),
-        ("save_every", int, 250, "checkpoint every K steps (0: never)"),
-        ("stop_at", int, None, "stop after this step as if interrupted (for resume tests)"),
+        ("steps", count, 1000, "optimizer steps"),
+        ("batch_size", count, 64, "global batch (examples per optimizer step, all ranks together)"),
+        ("grad_accum", count, 1, "micro-batches per rank per optimizer step"),
+        ("lr", rate, 2e-3, "peak learning rate (tiny models ~1e-3; ~1e-5 at 7B)"),
+        ("warmup", plumbing.at_least(0), 30, "linear warm-up steps, then cosine decay to 10%%"),
+        ("weight_decay", rate, 0.0, "AdamW weight decay"),
+        ("max_len", plumbing.at_least(2), 128, "max tokens of prompt + response"),
+        ("eval_every", count, 250, "held-out evaluation every K steps"),
+        ("save_every", plumbing.at_least(0), 250, "checkpoint every K steps (0: never)"),
+        ("stop_at", count, None, "stop after this step as if interrupted (for resume tests)"),
         ("seed", int, 1, "seed for init, data order and sampling"),
         ("bf16", int, None, "bf16 autocast compute, fp32 weights (default: on under CUDA, off on CPU)"),
-        ("compile", int, 0, "torch.compile each decoder block (1) or not (0)"),
-        ("log_every", int, 10, "metrics every K steps"),
+        ("compile", plumbing.at_least(0), 0, "torch.compile each decoder block (1) or not (0)"),
+        ("log_every", count, 10, "metrics every K steps"),
+        ("max_skipped", plumbing.fraction, 0.1, "fail (no model saved, exit 1) when more than this share of the updates were skipped as non-finite"),
     ]
     for name, kind, default, help_ in flags:
         parser.add_argument(f"--{name}", type=kind, default=defaults.pop(name, default), help=help_)
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint; only these flags may differ from the "
+                        "run being resumed: " + ", ".join(f"--{k}" for k in sorted(MAY_CHANGE_ON_RESUME)))
     if defaults:
         raise TypeError(f"add_training_flags: unknown defaults {sorted(defaults)}")
 
@@ -60,13 +68,19 @@ parser.add_argument("--model", default="tiny", help="'tiny' (built from a config
 parser.add_argument("--data", default="toy", help="data.py spec: 'toy', a hub id, a file or a directory")
 parser.add_argument("--split", default="train", help="training split, with an optional slice: 'train', 'test[:512]'")
 parser.add_argument("--eval_split", default=None, help="held-out split; default: toy 'test', else 5%% carved from --split")
-parser.add_argument("--gold_prompts", type=int, default=200, help="toy only: greedy-decode this many test prompts and report gold scores")
+parser.add_argument("--gold_prompts", type=plumbing.at_least(0), default=200, help="toy only: greedy-decode this many test prompts and report gold scores")
 add_training_flags(parser, out="runs/sft", steps=1000, lr=2e-3)
 # fmt: on
 
 
-def tokenize_demos(tokenizer, demos, max_len):
-    return [plumbing.encode(tokenizer, x["prompt"], x["response"], max_len=max_len) for x in demos]
+def tokenize_demos(tokenizer, demos, max_len, report=None):
+    """(prompt ids, response ids + EOS) per demonstration; `report` names the stage whose line on
+    what --max_len cut is printed."""
+    counts = collections.Counter()
+    out = [plumbing.encode(tokenizer, x["prompt"], x["response"], max_len=max_len, counts=counts) for x in demos]
+    if report:
+        plumbing.report_truncation(report, counts, len(demos), max_len, "demonstrations")
+    return out
 
 
 def make_batch(examples, pad_id):
@@ -137,11 +151,15 @@ def start(args, parser):
     if args.batch_size % (d.world * args.grad_accum):
         parser.error(f"--batch_size {args.batch_size} must divide evenly into {d.world} ranks x --grad_accum {args.grad_accum}")
     plumbing.seed_everything(args.seed)
-    ckpt = plumbing.find_checkpoint(os.path.join(args.out, "checkpoint")) if args.resume else None
-    if args.resume and ckpt is None and d.main:
-        print(f"--resume: no checkpoint in {args.out}/checkpoint; starting from scratch")
     args.bf16 = bool(args.bf16) if args.bf16 is not None else d.device.type == "cuda"
-    return d, ckpt
+    plumbing.lock_output(args.out, d)
+    return d, plumbing.resume_from(args, parser, MAY_CHANGE_ON_RESUME)
+
+
+def resumed_state(ckpt, model, optimizer, d):
+    """The saved state of the checkpoint (step, the log's length, …), its optimizer and RNG restored;
+    a fresh run's: step 0."""
+    return plumbing.load_optimizer_state(ckpt, {"model": model}, {"model": optimizer}, d) if ckpt else {"step": 0}
 
 
 def adamw(model, args):
@@ -160,7 +178,7 @@ def supervised_loop(args, d, model, optimizer, tokenizer, examples, micro_loss, 
     is what the stage adds to each checkpoint (numbers and lists, e.g. GR-DPO's group weights).
     Returns False if --stop_at ended the run early, True when all steps are done."""
     bar = plumbing.progress(range(first_step, args.steps), d, initial=first_step, total=args.steps, desc=name)
-    t0, seen = time.time(), 0
+    t0, seen, skipped = time.time(), 0, 0
     tokens, busy_s, n_steps = 0, 0.0, 0  # since the last log: non-pad tokens of the global batches, seconds and count of their steps
     for step in bar:
         t_step = time.perf_counter()
@@ -184,6 +202,8 @@ def supervised_loop(args, d, model, optimizer, tokenizer, examples, micro_loss, 
             log.log(step + 1, {"train/skipped": 1, "train/loss": str(metrics["train/loss"]), "train/grad_norm": str(grad_norm)})
             if d.main:
                 print(f"{name} step {step + 1}: non-finite loss or gradient ({metrics['train/loss']}, {grad_norm}); update skipped")
+            skipped += 1
+            plumbing.fail_if_mostly_skipped(name, skipped, min(args.stop_at or args.steps, args.steps) - first_step, args.max_skipped)
             continue
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -193,7 +213,7 @@ def supervised_loop(args, d, model, optimizer, tokenizer, examples, micro_loss, 
         busy_s, n_steps = busy_s + time.perf_counter() - t_step, n_steps + 1
 
         out = {}
-        if (step + 1) % args.log_every == 0 or step == first_step:
+        if (step + 1) % args.log_every == 0 or step == 0:
             out = {**metrics, **extra, "train/grad_norm": grad_norm, "train/lr": optimizer.param_groups[0]["lr"],
                    "perf/examples_per_s": seen / (time.time() - t0), "perf/peak_rss_mb": plumbing.peak_rss_mb(),
                    "perf/step_s": busy_s / n_steps, **plumbing.perf_metrics(tokens, busy_s, d.device)}
@@ -204,8 +224,8 @@ def supervised_loop(args, d, model, optimizer, tokenizer, examples, micro_loss, 
         if out:
             log.log(step + 1, out)
         if args.save_every and ((step + 1) % args.save_every == 0 or step + 1 in (args.steps, args.stop_at)):
-            plumbing.save_checkpoint(os.path.join(args.out, "checkpoint"), {"model": model}, {"model": optimizer},
-                                     tokenizer, {"step": step + 1, **state()}, d)
+            plumbing.save_checkpoint(os.path.join(args.out, "checkpoint"), {"model": model}, {"model": optimizer}, tokenizer,
+                                     {"step": step + 1, "args": vars(args), "log_bytes": log.tell(), **state()}, d)
         if step + 1 == args.stop_at:
             if d.main:
                 print(f"{name}: stopped at step {step + 1} (--stop_at); continue with --resume")
@@ -214,6 +234,7 @@ def supervised_loop(args, d, model, optimizer, tokenizer, examples, micro_loss, 
 
 
 def main(args):
+    plumbing.check_model_dir(args.model, "--model", "lm")
     d, ckpt = start(args, parser)
     train, heldout = data.train_and_heldout(data.load_demos, args.data, args.split, args.eval_split, seed=args.seed)
 
@@ -221,10 +242,11 @@ def main(args):
     tokenizer = plumbing.load_tokenizer(source, texts=[x["prompt"] + x["response"] for x in train])
     model = plumbing.shard(plumbing.load_model(source, tokenizer, seed=args.seed), d, bf16=args.bf16, compile_blocks=args.compile)
     optimizer = adamw(model, args)
-    first = plumbing.load_optimizer_state(ckpt, {"model": model}, {"model": optimizer}, d)["step"] if ckpt else 0
-    train_ex = tokenize_demos(tokenizer, train, args.max_len)
+    state = resumed_state(ckpt, model, optimizer, d)
+    first = state["step"]
+    train_ex = tokenize_demos(tokenizer, train, args.max_len, report="sft")
     heldout_ex = tokenize_demos(tokenizer, heldout[:1000], args.max_len)
-    log = plumbing.MetricsLog(os.path.join(args.out, "metrics.jsonl"), d, resume=ckpt is not None)
+    log = plumbing.MetricsLog(os.path.join(args.out, "metrics.jsonl"), d, resume_at=state.get("log_bytes"))
     if d.main:
         n_params = sum(p.numel() for p in model.parameters()) * d.world
         print(f"sft: {args.model} (~{n_params / 1e6:.1f}M params) on {args.data}: {len(train_ex)} train / "

@@ -1,0 +1,178 @@
+"""A run that fails says so: resume that logs each step once, runs that train nothing exit non-zero,
+checkpoints that cannot run code, flags and directories checked before any work. Each test here
+failed on the code before it (tiny models, one thread)."""
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data
+import plumbing
+import ppo_gi
+import reward
+import sft
+from conftest import ROOT, read_metrics, run_script
+
+SFT_SHORT = ["--steps", "12", "--batch_size", "16", "--log_every", "1", "--eval_every", "6", "--gold_prompts", "0", "--lr", "3e-3"]
+PPO_SHORT = ["--reward", "gold", "--rollout_batch", "16", "--minibatch", "8", "--max_new_tokens", "8", "--eval_prompts", "8"]
+
+
+def values(path):
+    """metrics.jsonl without the wall-clock columns: what must not depend on an interruption."""
+    return [{k: v for k, v in r.items() if k != "time_s" and not k.startswith("perf/")} for r in read_metrics(path)]
+
+
+def killed(args, when):
+    """Run a stage as a user would, killed (os._exit, as kill -9) at `when` (tests/die_at.py)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "tests/die_at.py", when, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 9, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+def test_sft_killed_after_a_checkpoint_resumes_with_the_uninterrupted_log_row_for_row(tmp_path):
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    run_script(["sft.py", "--out", full, "--save_every", "4", *SFT_SHORT])
+    killed(["sft.py", "--out", part, "--save_every", "4", *SFT_SHORT], "log:7")  # checkpoint at 4, killed at 7
+    assert len(read_metrics(os.path.join(part, "metrics.jsonl"))) > 4
+    run_script(["sft.py", "--out", part, "--save_every", "4", *SFT_SHORT, "--resume"])
+    assert values(os.path.join(part, "metrics.jsonl")) == values(os.path.join(full, "metrics.jsonl"))
+
+
+def test_ppo_killed_after_a_checkpoint_resumes_with_the_uninterrupted_log_and_rollouts(toy_sft_dir, tmp_path):
+    full, part, late = (str(tmp_path / n) for n in ("full", "part", "late"))
+    base = ["ppo_gi.py", "--sft", toy_sft_dir, "--steps", "6", "--save_every", "3", *PPO_SHORT]
+    run_script(base + ["--out", full])
+    killed(base + ["--out", part], "log:5")  # checkpoint at 3, killed at 5
+    run_script(base + ["--out", part, "--resume"])
+    assert values(os.path.join(part, "metrics.jsonl")) == values(os.path.join(full, "metrics.jsonl"))
+    # killed after the final checkpoint, before the model is saved: the resumed run finishes and keeps the rollouts
+    killed(base + ["--out", late], "save")
+    run_script(base + ["--out", late, "--resume"])
+    rollouts = lambda out: open(os.path.join(out, "rollouts.jsonl")).read()  # noqa: E731
+    assert rollouts(late) == rollouts(full) and rollouts(full).count("\n") == 16
+    assert values(os.path.join(late, "metrics.jsonl")) == values(os.path.join(full, "metrics.jsonl"))
+    assert os.path.exists(os.path.join(late, "config.json"))
+
+
+def test_resume_without_a_checkpoint_or_with_other_flags_is_an_error(toy_sft_dir, tmp_path, capsys):
+    out = str(tmp_path / "ppo")
+    with pytest.raises(SystemExit):
+        ppo_gi.main(ppo_gi.parser.parse_args(["--sft", toy_sft_dir, "--out", out, "--steps", "2", *PPO_SHORT, "--resume"]))
+    assert "no checkpoint" in capsys.readouterr().err
+    ppo_gi.main(ppo_gi.parser.parse_args(["--sft", toy_sft_dir, "--out", out, "--steps", "4", "--save_every", "1", "--stop_at", "1", *PPO_SHORT]))
+    with pytest.raises(SystemExit):  # another policy, another shape: refused, both named
+        ppo_gi.main(ppo_gi.parser.parse_args(["--sft", toy_sft_dir + "/", "--out", out, "--steps", "4", *PPO_SHORT,
+                                              "--max_new_tokens", "9", "--resume"]))
+    err = capsys.readouterr().err
+    assert "--max_new_tokens 9 (was 8)" in err and "--sft" in err
+    # the number of iterations and the logging may change
+    ppo_gi.main(ppo_gi.parser.parse_args(["--sft", toy_sft_dir, "--out", out, "--steps", "2", "--save_every", "1", "--log_every", "2",
+                                          *PPO_SHORT, "--resume"]))
+    assert os.path.exists(os.path.join(out, "config.json"))
+
+
+def test_a_checkpoint_cannot_run_code_on_resume(tmp_path):
+    out = str(tmp_path / "sft")
+    sft.main(sft.parser.parse_args(["--out", out, "--save_every", "2", "--stop_at", "2", *SFT_SHORT]))
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+    state = os.path.join(out, "checkpoint", "trainer_state.pt")
+    with open(state, "wb") as f:
+        pickle.dump({"optimizers": Payload(), "torch_rng": torch.get_rng_state()}, f)
+    with pytest.raises(pickle.UnpicklingError):
+        sft.main(sft.parser.parse_args(["--out", out, "--save_every", "2", *SFT_SHORT, "--resume"]))
+    assert not marker.exists()
+
+
+def test_runs_that_train_nothing_exit_non_zero_and_save_nothing(toy_sft_dir, tmp_path, capsys):
+    out = str(tmp_path / "ppo")
+    with pytest.raises(SystemExit, match="skipped as non-finite"):  # every update from the second on is NaN
+        ppo_gi.main(ppo_gi.parser.parse_args(["--sft", toy_sft_dir, "--out", out, "--steps", "3", *PPO_SHORT, "--lr", "1e3"]))
+    assert "update skipped" in capsys.readouterr().out and not os.path.exists(os.path.join(out, "config.json"))
+    # a reward model whose scores are NaN stops PPO before it trains on them
+    rm = reward.load_reward_model(toy_sft_dir, plumbing.load_tokenizer(toy_sft_dir))
+    with torch.no_grad():
+        rm.hf.score.weight.fill_(float("nan"))
+    nan_rm = str(tmp_path / "nan_rm")
+    plumbing.save_model(rm, plumbing.load_tokenizer(toy_sft_dir), nan_rm, plumbing.Dist(), extra={"reward_stats.json": {"mean": 0.0, "std": 1.0}})
+    with pytest.raises(SystemExit, match="not finite"):
+        ppo_gi.main(ppo_gi.parser.parse_args(["--sft", toy_sft_dir, "--out", str(tmp_path / "p2"), "--steps", "2", *PPO_SHORT,
+                                              "--reward", nan_rm]))
+    # the running std ignores a NaN score and says so
+    running = ppo_gi.RunningStd()
+    running.update(torch.tensor([0.0, float("nan"), 2.0]), plumbing.Dist())
+    assert running.std == pytest.approx(2 ** 0.5) and "ignores 1 non-finite" in capsys.readouterr().out
+
+
+def test_the_reward_model_must_read_the_policys_token_ids(toy_sft_dir, tmp_path):
+    tok = plumbing.load_tokenizer(toy_sft_dir)
+    rm = str(tmp_path / "rm")
+    other = plumbing.load_tokenizer(toy_sft_dir)
+    other.add_tokens(["<extra>"])
+    plumbing.save_model(reward.load_reward_model(toy_sft_dir, tok), other, rm, plumbing.Dist(), extra={"reward_stats.json": {"mean": 0.0, "std": 1.0}})
+    with pytest.raises(SystemExit, match="different tokenizers: vocabulary"):
+        ppo_gi.main(ppo_gi.parser.parse_args(["--sft", toy_sft_dir, "--out", str(tmp_path / "p"), "--steps", "1", *PPO_SHORT, "--reward", rm]))
+
+
+def test_a_directory_of_the_wrong_kind_or_missing_is_named_at_once(toy_sft_dir, tmp_path, monkeypatch):
+    rm = str(tmp_path / "rm")
+    tok = plumbing.load_tokenizer(toy_sft_dir)
+    plumbing.save_model(reward.load_reward_model(toy_sft_dir, tok), tok, rm, plumbing.Dist(), extra={"reward_stats.json": {"mean": 0.0, "std": 1.0}})
+    with pytest.raises(SystemExit, match="--sft .*this is a reward model directory"):
+        ppo_gi.main(ppo_gi.parser.parse_args(["--sft", rm, "--out", str(tmp_path / "p"), *PPO_SHORT]))
+    with pytest.raises(SystemExit, match="--reward .*this is a causal LM"):
+        ppo_gi.main(ppo_gi.parser.parse_args(["--sft", toy_sft_dir, "--out", str(tmp_path / "p"), *PPO_SHORT, "--reward", toy_sft_dir]))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(SystemExit, match="runs/sft_typo: no such directory"):  # not sent to the hub
+        sft.main(sft.parser.parse_args(["--model", "runs/sft_typo", "--out", str(tmp_path / "s")]))
+
+
+def test_an_output_directory_in_use_by_another_run_is_refused(toy_sft_dir, tmp_path):
+    out = tmp_path / "ppo"
+    out.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".lock").write_text(str(other.pid))
+        with pytest.raises(SystemExit, match=f"in use by another run \\(process {other.pid}"):
+            ppo_gi.main(ppo_gi.parser.parse_args(["--sft", toy_sft_dir, "--out", str(out), "--steps", "1", *PPO_SHORT]))
+    finally:
+        other.kill()
+        other.wait()
+    ppo_gi.main(ppo_gi.parser.parse_args(["--sft", toy_sft_dir, "--out", str(out), "--steps", "1", *PPO_SHORT]))  # a dead lock is taken over
+    assert (out / ".lock").read_text() == str(os.getpid())  # (and removed when this process exits)
+
+
+@pytest.mark.parametrize("module, flags", [
+    (sft, ["--steps", "0"]), (sft, ["--batch_size", "0"]), (sft, ["--grad_accum", "0"]), (sft, ["--eval_every", "0"]),
+    (sft, ["--log_every", "0"]), (sft, ["--lr", "-1e-3"]), (sft, ["--max_skipped", "1.5"]),
+    (ppo_gi, ["--minibatch", "0"]), (ppo_gi, ["--rollout_batch", "0"]), (ppo_gi, ["--n_groups", "0"]), (ppo_gi, ["--max_new_tokens", "0"]),
+    (ppo_gi, ["--temperature", "0"]), (ppo_gi, ["--lr", "-1"]), (ppo_gi, ["--steps", "0"]), (ppo_gi, ["--gamma", "1.5"])])
+def test_every_count_size_and_rate_is_checked_by_the_parser(module, flags, capsys):
+    with pytest.raises(SystemExit):
+        module.parser.parse_args(flags)
+    assert f"argument {flags[0]}" in capsys.readouterr().err
+
+
+def test_one_group_is_not_gi_ppo(toy_sft_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        ppo_gi.main(ppo_gi.parser.parse_args(["--sft", toy_sft_dir, "--out", str(tmp_path / "p"), *PPO_SHORT, "--n_groups", "1"]))
+    assert "--n_groups 1: GI-PPO needs at least 2 groups" in capsys.readouterr().err
+
+
+def test_truncation_is_counted_and_identical_pairs_are_dropped(toy_sft_dir, capsys):
+    tok = plumbing.load_tokenizer(toy_sft_dir)
+    long = " " + " ".join(["apple"] * 40)
+    pairs = [{"prompt": "\n\nHuman: hi\n\nAssistant:", "chosen": " yes", "rejected": " no"},
+             {"prompt": "\n\nHuman: hi\n\nAssistant:", "chosen": long + " river", "rejected": long + " stone"}]
+    examples, kept = reward.tokenize_pairs(tok, pairs, max_len=20, report="reward")
+    assert kept == pairs[:1] and len(examples) == 1  # cut to 20 tokens, the second pair's two sides are the same
+    out = capsys.readouterr().out
+    assert "at --max_len 20, 50.0% of 2 pairs cut, 50.0% lost their EOS, 1 made identical (dropped): WARNING" in out
