@@ -12,6 +12,7 @@ when sampling). Then each judge compares the model's response with each opponent
         paper's GPT-4 prompt. The A/B order is drawn at random per item and un-swapped in the tally.
         A failed request (after --judge_retries retries with backoff) or an answer that names no
         verdict counts as `invalid`: reported, never dropped. Identical responses tie without a request.
+        A redirect is refused, not followed, so the key goes to --judge_url only (ask_judge)
 
 Percentages are over all items, so win + tie + lose + invalid = 100. The table is laid out like
 the paper's: rows judge × opponent, columns split. Per model it also reports the mean gold score
@@ -119,9 +120,23 @@ def parse_verdict(text):
     return "tie" if v in ("tie", "c") else v.upper()
 
 
+class RedirectRefused(Exception):
+    """The judge endpoint answered with a redirect (ask_judge follows none)."""
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        fp.close()
+        raise RedirectRefused(f"{req.full_url} answered {code}, a redirect to {newurl}: refused (the key is sent to "
+                              "--judge_url only; set --judge_url to the address that answers)")
+
+
 def ask_judge(args, prompt, a, b):
-    """One chat-completions request, retried with bounded exponential backoff. Returns the answer
-    text, or None when every try failed (connection error, HTTP error, malformed JSON)."""
+    """One chat-completions request, retried with bounded exponential backoff. Returns (answer text,
+    None), or (None, why) when no answer came: every try failed (connection error, HTTP error,
+    malformed JSON), or the endpoint redirected. A redirect, to another host or the same one, is
+    refused at once and not retried: urllib would re-send the Authorization header to the new
+    address (and turn the POST into a GET without its body), so the key goes to --judge_url only."""
     url = args.judge_url.rstrip("/") + "/chat/completions"
     body = json.dumps({"model": args.judge_model, "temperature": 0, "messages": [
         {"role": "system", "content": JUDGE_SYSTEM},
@@ -129,28 +144,35 @@ def ask_judge(args, prompt, a, b):
     headers = {"Content-Type": "application/json"}
     if os.environ.get(args.judge_key_env):
         headers["Authorization"] = f"Bearer {os.environ[args.judge_key_env]}"
+    opener = urllib.request.build_opener(_RefuseRedirects)
     for attempt in range(args.judge_retries + 1):
         try:
-            with urllib.request.urlopen(urllib.request.Request(url, body, headers), timeout=args.judge_timeout) as r:
-                return json.loads(r.read())["choices"][0]["message"]["content"]
+            with opener.open(urllib.request.Request(url, body, headers), timeout=args.judge_timeout) as r:
+                return json.loads(r.read())["choices"][0]["message"]["content"], None
+        except RedirectRefused as e:
+            return None, str(e)
         except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError, TypeError) as e:
             last = e
             if attempt < args.judge_retries:
                 time.sleep(min(30.0, 2.0 ** attempt))
-    print(f"evaluate: llm judge request failed after {args.judge_retries + 1} tries ({last}); counted invalid")
-    return None
+    return None, f"request failed after {args.judge_retries + 1} tries ({last})"
 
 
 def llm_outcomes(args, prompts, responses, opponent_responses, rng):
-    """Outcomes of the model against the opponent by the llm judge, the A/B order randomized per item."""
-    outcomes = []
+    """Outcomes of the model against the opponent by the llm judge, the A/B order randomized per
+    item. Each distinct reason an item got no answer (counted invalid) is printed once."""
+    outcomes, reported = [], set()
     for prompt, mine, theirs in zip(prompts, responses, opponent_responses):
         if mine.strip() == theirs.strip():
             outcomes.append("tie")
             continue
         swapped = rng.random() < 0.5  # swapped: the opponent's response is shown as A
         a, b = (theirs, mine) if swapped else (mine, theirs)
-        verdict = parse_verdict(ask_judge(args, prompt, a, b))
+        answer, why = ask_judge(args, prompt, a, b)
+        if why and why not in reported:
+            reported.add(why)
+            print(f"evaluate: llm judge: {why}; counted invalid")
+        verdict = parse_verdict(answer)
         if verdict is None:
             outcomes.append("invalid")
         elif verdict == "tie":

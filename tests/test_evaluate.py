@@ -108,6 +108,67 @@ def test_llm_judge_order_randomization_parsing_invalid_and_retries(judge_server,
     assert t["invalid"] == pytest.approx(100 * 2 / (n + 4))
 
 
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    """Server B of the redirect test: records every request (port, method, path, headers) and answers
+    any with a verdict."""
+    requests = []
+
+    def do_POST(self):
+        _Recorder.requests.append((self.server.server_address[1], self.command, self.path, dict(self.headers)))
+        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": "[[A]]"}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    do_GET = do_POST  # urllib follows a POST's 302 with a GET
+
+    def log_message(self, *args):
+        pass
+
+
+class _Redirector(_Recorder):
+    """Server A: answers a judge request with 302, to server B (`target`) or, for 'same-host', to
+    another path of its own (which answers with a verdict, as B does)."""
+    target = None
+
+    def do_POST(self):
+        _Recorder.requests.append((self.server.server_address[1], self.command, self.path, dict(self.headers)))
+        same = b"same-host" in self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(302)
+        self.send_header("Location", "/v1/moved" if same else _Redirector.target)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = _Recorder.do_POST
+
+
+def test_the_llm_judge_refuses_redirects_and_never_resends_the_key(monkeypatch, capsys):
+    servers = [http.server.ThreadingHTTPServer(("127.0.0.1", 0), h) for h in (_Redirector, _Recorder)]
+    for s in servers:
+        threading.Thread(target=s.serve_forever, daemon=True).start()
+    a_port, b_port = (s.server_address[1] for s in servers)
+    _Recorder.requests.clear()
+    _Redirector.target = f"http://127.0.0.1:{b_port}/v1/chat/completions"  # another port: another host
+    sleeps = []
+    monkeypatch.setattr(evaluate.time, "sleep", sleeps.append)
+    monkeypatch.setenv("OPENAI_API_KEY", "secret-key")
+    args = evaluate.parser.parse_args(["--model", "m=x", "--opponents", "o=y", "--judges", "llm", "--judge_url",
+                                       f"http://127.0.0.1:{a_port}/v1", "--judge_model", "test", "--judge_retries", "2"])
+    try:
+        outcomes = evaluate.llm_outcomes(args, ["q1", "q2", "q same-host"], ["x1", "x2", "x3"], ["y1", "y2", "y3"], random.Random(0))
+    finally:
+        for s in servers:
+            s.shutdown()
+    assert outcomes == ["invalid"] * 3  # no verdict from a redirect's target is counted
+    assert not any("Authorization" in h for port, _, _, h in _Recorder.requests if port == b_port)  # B never saw the key
+    # refused, not followed (same host included): one POST per item to --judge_url, not retried
+    assert [(port, method, path) for port, method, path, _ in _Recorder.requests] == [(a_port, "POST", "/v1/chat/completions")] * 3
+    assert sleeps == [] and all(h["Authorization"] == "Bearer secret-key" for *_, h in _Recorder.requests)
+    printed = capsys.readouterr().out
+    assert printed.count(f"a redirect to http://127.0.0.1:{b_port}/") == 1 and printed.count("/v1/moved") == 1  # once each
+
+
 def test_results_schema_and_identical_models_tie(toy_sft_dir, tmp_path, monkeypatch, judge_server):
     out = tmp_path / "eval"
     monkeypatch.setattr(evaluate.time, "sleep", lambda s: None)
