@@ -6,25 +6,34 @@ when sampling). Then each judge compares the model's response with each opponent
   gold  the built-in task's gold judge (data.gold_score; stands in for GPT-4 / humans):
         higher score wins, equal scores tie
   rm    a reward model (--reward): higher score wins; a tie when the difference is under
-        --rm_tie_margin times the reward model's std on its training pairs (reward_stats.json)
+        --rm_tie_margin times the reward model's std on its training pairs (reward_stats.json).
+        Real data has no gold judge: the protocol (Gao et al. 2022, "Scaling Laws for Reward Model
+        Overoptimization") is a *judge* RM, trained by reward.py on the `judge` split (which no
+        policy or proxy RM sees) with a larger budget than the proxy RM
   llm   any OpenAI-compatible chat-completions endpoint (--judge_url, --judge_model, key from the
         environment variable --judge_key_env), asked a pairwise question in the spirit of the
         paper's GPT-4 prompt. The A/B order is drawn at random per item and un-swapped in the tally.
         A failed request (after --judge_retries retries with backoff) or an answer that names no
         verdict counts as `invalid`: reported, never dropped. Identical responses tie without a request.
+        A redirect is refused, not followed, so the key goes to --judge_url only (ask_judge)
 
-Percentages are over all items, so win + tie + lose + invalid = 100. The table is laid out like
-the paper's: rows judge × opponent, columns split. Per model it also reports the mean gold score
-per true group with the worst group and the best − worst gap (built-in task), and the reward
-model's score distribution (quantiles, skewness: the long tail).
+By default the built-in task (--data toy) is judged by gold and rm on its test and ood splits,
+real data by rm on its test split and, as the `ood` column, on prompts from another source
+(--ood_data, e.g. PKU-SafeRLHF). Percentages are over all items: win + tie + lose + invalid = 100.
+The table is laid out like the paper's, rows judge × opponent and columns split, then again per
+prompt group where the prompts carry one (HH harmless / helpful with --group_by harm; the built-in
+task's true groups). Per model it also reports the mean gold per true group with the worst group
+and the best − worst gap (built-in task), and the reward model's score distribution (the long tail).
 
-    python evaluate.py --model GI-PPO=runs/gi_ppo --opponents SFT=runs/sft "PPO w/ KL=runs/ppo_kl" \\
-        --reward runs/reward --judges gold rm --splits test ood
+    python evaluate.py --model GI-PPO=runs/gi_ppo --opponents SFT=runs/sft "PPO w/ KL=runs/ppo_kl" --reward runs/reward
+    python evaluate.py --data ../shared/data/hh-rlhf --group_by harm --model … --opponents … --reward runs/judge_rm \\
+        --ood_data ../shared/data/ood/pku-saferlhf
     python evaluate.py ... --judges llm --judge_url http://localhost:8000/v1 --judge_model my-judge
 
-Writes --out (default runs/eval): results.json ({winrates, groups, rewards, settings}), table.md,
-responses.jsonl, and PNG plots where matplotlib is installed (reward distributions, gold per group,
-training curves, and gold against KL over each PPO run's iterations: the over-optimization curve). One process (a GPU when there is one).
+Writes --out (default runs/eval): results.json ({winrates, winrates_by_group, groups, group_summary,
+rewards, items, perf, settings}), table.md, responses.jsonl, and PNG plots where matplotlib is
+installed: reward distributions, gold per group, training curves, and gold_vs_kl.png (gold or the
+judge RM, and the proxy RM, against KL over each PPO run: over-optimization). One process.
 """
 import argparse
 import json
@@ -44,20 +53,25 @@ import plumbing
 import reward
 
 GOLD_KL_WINDOW = 5  # gold_vs_kl.png: running mean over this many PPO iterations (each a 64-sample rollout)
+JUDGE_LOGS = {"gold": "gold", "judge": "judge RM"}  # ppo_gi.py's metrics of the judge's score of its rollouts: prefix -> name
 
 # fmt: off
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 parser.add_argument("--model", help="NAME=DIR of the model under evaluation (DIR alone: NAME is its folder name)")
 parser.add_argument("--opponents", nargs="+", help="NAME=DIR of each opponent")
 parser.add_argument("--aggregate", nargs="+", metavar="RESULTS_JSON", help="instead: mean ± std over seeds of several results.json files, as markdown")
-parser.add_argument("--runs", nargs="+", metavar="PPO_DIR", help="instead: a markdown table of ppo_gi.py runs from their metrics.jsonl (RL gold, KL, groups)")
+parser.add_argument("--runs", nargs="+", metavar="PPO_DIR", help="instead: a markdown table of ppo_gi.py runs from their metrics.jsonl (RL gold or judge RM, proxy RM, KL, groups)")
 parser.add_argument("--study", nargs="+", metavar="RESULTS_JSON", help="instead: the study's table over seeds (one results.json per seed, pipeline.sh --study) and its figure in --out")
 parser.add_argument("--match_kl", nargs="+", metavar="DIR", help="instead: the KL-matched control's search, TARGET_RUN CANDIDATE_RUNS…: prints 'match DIR', or 'next ETA CLOSEST_DIR'")
 parser.add_argument("--data", default="toy", help="data.py spec of the prompts")
-parser.add_argument("--splits", nargs="+", default=["test", "ood"], help="prompt splits, each a column of the table")
+parser.add_argument("--splits", nargs="+", default=None, help="prompt splits, each a column of the table; default: test ood (toy), test (real data, plus ood with --ood_data)")
+parser.add_argument("--ood_data", default=None, help="real data: data.py spec of out-of-domain prompts from another source (e.g. PKU-SafeRLHF), the `ood` column")
+parser.add_argument("--ood_split", default="all", help="split of --ood_data")
+parser.add_argument("--group_by", choices=[g for g in data.GROUP_BY if g], default=None, help="data.load_prompts' group_by: harm folds HH subsets into harmless / helpful")
 parser.add_argument("--n_prompts", type=int, default=200, help="prompts per split (the first N)")
-parser.add_argument("--judges", nargs="+", choices=["gold", "rm", "llm"], default=["gold", "rm"], help="judges to run")
-parser.add_argument("--reward", default=None, help="reward model directory (the rm judge, and the reward distributions)")
+parser.add_argument("--judges", nargs="+", choices=["gold", "rm", "llm"], default=None, help="judges to run; default: gold rm (toy), rm (real data)")
+parser.add_argument("--reward", default=None, help="reward model directory (the rm judge, and the reward distributions). On real data, the judge RM: "
+                    "trained on the `judge` split (which no policy or proxy RM sees) with a larger budget (Gao et al. 2022)")
 parser.add_argument("--rm_tie_margin", type=float, default=0.1, help="rm judge: a tie when |Δ score| < this × the RM's std on its training pairs")
 parser.add_argument("--judge_url", default=None, help="llm judge: base URL of an OpenAI-compatible API (…/v1)")
 parser.add_argument("--judge_model", default=None, help="llm judge: the model name sent in each request")
@@ -119,9 +133,23 @@ def parse_verdict(text):
     return "tie" if v in ("tie", "c") else v.upper()
 
 
+class RedirectRefused(Exception):
+    """The judge endpoint answered with a redirect (ask_judge follows none)."""
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        fp.close()
+        raise RedirectRefused(f"{req.full_url} answered {code}, a redirect to {newurl}: refused (the key is sent to "
+                              "--judge_url only; set --judge_url to the address that answers)")
+
+
 def ask_judge(args, prompt, a, b):
-    """One chat-completions request, retried with bounded exponential backoff. Returns the answer
-    text, or None when every try failed (connection error, HTTP error, malformed JSON)."""
+    """One chat-completions request, retried with bounded exponential backoff. Returns (answer text,
+    None), or (None, why) when no answer came: every try failed (connection error, HTTP error,
+    malformed JSON), or the endpoint redirected. A redirect, to another host or the same one, is
+    refused at once and not retried: urllib would re-send the Authorization header to the new
+    address (and turn the POST into a GET without its body), so the key goes to --judge_url only."""
     url = args.judge_url.rstrip("/") + "/chat/completions"
     body = json.dumps({"model": args.judge_model, "temperature": 0, "messages": [
         {"role": "system", "content": JUDGE_SYSTEM},
@@ -129,28 +157,35 @@ def ask_judge(args, prompt, a, b):
     headers = {"Content-Type": "application/json"}
     if os.environ.get(args.judge_key_env):
         headers["Authorization"] = f"Bearer {os.environ[args.judge_key_env]}"
+    opener = urllib.request.build_opener(_RefuseRedirects)
     for attempt in range(args.judge_retries + 1):
         try:
-            with urllib.request.urlopen(urllib.request.Request(url, body, headers), timeout=args.judge_timeout) as r:
-                return json.loads(r.read())["choices"][0]["message"]["content"]
+            with opener.open(urllib.request.Request(url, body, headers), timeout=args.judge_timeout) as r:
+                return json.loads(r.read())["choices"][0]["message"]["content"], None
+        except RedirectRefused as e:
+            return None, str(e)
         except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError, TypeError) as e:
             last = e
             if attempt < args.judge_retries:
                 time.sleep(min(30.0, 2.0 ** attempt))
-    print(f"evaluate: llm judge request failed after {args.judge_retries + 1} tries ({last}); counted invalid")
-    return None
+    return None, f"request failed after {args.judge_retries + 1} tries ({last})"
 
 
 def llm_outcomes(args, prompts, responses, opponent_responses, rng):
-    """Outcomes of the model against the opponent by the llm judge, the A/B order randomized per item."""
-    outcomes = []
+    """Outcomes of the model against the opponent by the llm judge, the A/B order randomized per
+    item. Each distinct reason an item got no answer (counted invalid) is printed once."""
+    outcomes, reported = [], set()
     for prompt, mine, theirs in zip(prompts, responses, opponent_responses):
         if mine.strip() == theirs.strip():
             outcomes.append("tie")
             continue
         swapped = rng.random() < 0.5  # swapped: the opponent's response is shown as A
         a, b = (theirs, mine) if swapped else (mine, theirs)
-        verdict = parse_verdict(ask_judge(args, prompt, a, b))
+        answer, why = ask_judge(args, prompt, a, b)
+        if why and why not in reported:
+            reported.add(why)
+            print(f"evaluate: llm judge: {why}; counted invalid")
+        verdict = parse_verdict(answer)
         if verdict is None:
             outcomes.append("invalid")
         elif verdict == "tie":
@@ -187,11 +222,11 @@ def respond(args, path, prompts, device):
     return texts, plumbing.perf_metrics(n_tokens, time.perf_counter() - t0, device)
 
 
-def group_report(model, split, prompts, gold):
+def group_report(model, split, groups, gold):
     """Mean gold per true group of the built-in task, then the worst group and the best − worst gap."""
     by_group = {}
-    for p, g in zip(prompts, gold):
-        by_group.setdefault(data.true_group(p), []).append(g)
+    for group, g in zip(groups, gold):
+        by_group.setdefault(group, []).append(g)
     rows = [{"model": model, "split": split, "group": g, "gold_mean": float(np.mean(v)), "n": len(v)}
             for g, v in by_group.items()]
     means = {r["group"]: r["gold_mean"] for r in rows}
@@ -201,19 +236,25 @@ def group_report(model, split, prompts, gold):
     return rows, summary
 
 
-def markdown_table(winrates, model, splits):
-    """Rows judge × opponent, columns split; each cell Win / Tie / Lose (+ invalid when any)."""
-    cell = {(w["judge"], w["opponent"], w["split"]): w for w in winrates}
-    keys = list(dict.fromkeys((w["judge"], w["opponent"]) for w in winrates))
-    lines = [f"| judge | {model} vs | " + " | ".join(f"{s}: Win / Tie / Lose" for s in splits) + " |",
-             "|---|---|" + "---:|" * len(splits)]
-    for judge, opponent in keys:
+def win_tie_lose(w):
+    return f"{w['win']:.1f} / {w['tie']:.1f} / {w['lose']:.1f}" + (f" ({w['invalid']:.1f} invalid)" if w["invalid"] else "")
+
+
+def markdown_table(winrates, model, splits, fmt=win_tie_lose):
+    """Rows judge × opponent (× group, with the item count, when the rows have a group), columns
+    split; each cell fmt(row): Win / Tie / Lose (+ invalid when any)."""
+    row = lambda w: (w["judge"], w["opponent"]) + ((w["group"],) if "group" in w else ())  # noqa: E731
+    cell = {(*row(w), w["split"]): w for w in winrates}
+    keys = list(dict.fromkeys(row(w) for w in winrates))
+    by_group = any("group" in w for w in winrates)
+    lines = [f"| judge | {model} vs | " + ("group | " if by_group else "") + " | ".join(f"{s}: Win / Tie / Lose" for s in splits) + " |",
+             "|---|---|" + "---|" * by_group + "---:|" * len(splits)]
+    for key in keys:
         cells = []
         for s in splits:
-            w = cell.get((judge, opponent, s))
-            cells.append("" if w is None else f"{w['win']:.1f} / {w['tie']:.1f} / {w['lose']:.1f}"
-                         + (f" ({w['invalid']:.1f} invalid)" if w["invalid"] else ""))
-        lines.append(f"| {judge} | {opponent} | " + " | ".join(cells) + " |")
+            w = cell.get((*key, s))
+            cells.append("" if w is None else fmt(w) + (f" (n {w['n']})" if by_group else ""))
+        lines.append("| " + " | ".join(key) + " | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -230,14 +271,29 @@ def group_table(group_rows, summaries):
     return "\n".join(lines) + "\n"
 
 
-def plot(out, model_dirs, group_rows, rm_scores):
-    """PNG plots where matplotlib is installed: reward distributions, per-group gold, training curves."""
+def pyplot():
+    """matplotlib.pyplot (Agg backend), or None, said aloud, where matplotlib is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        return plt
     except ImportError:
         print("evaluate: matplotlib not installed (pip install -r requirements.txt), no plots")
+        return None
+
+
+def save(fig, out, name):
+    os.makedirs(out, exist_ok=True)
+    fig.savefig(os.path.join(out, name), dpi=120, bbox_inches="tight")
+    pyplot().close(fig)
+
+
+def plot(out, model_dirs, group_rows, rm_scores):
+    """PNG plots where matplotlib is installed: reward distributions, per-group gold, training curves,
+    the judge's and the proxy's score against KL."""
+    plt = pyplot()
+    if plt is None:
         return
     if rm_scores:
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -245,7 +301,7 @@ def plot(out, model_dirs, group_rows, rm_scores):
             ax.hist(s, bins=30, histtype="step", label=f"{name} ({split})")
         ax.set(xlabel="reward model score", ylabel="responses", title="reward distribution")
         ax.legend(fontsize=6)
-        fig.savefig(os.path.join(out, "reward_distribution.png"), dpi=120, bbox_inches="tight")
+        save(fig, out, "reward_distribution.png")
     if group_rows:
         splits, groups = list(dict.fromkeys(r["split"] for r in group_rows)), list(dict.fromkeys(r["group"] for r in group_rows))
         names = list(dict.fromkeys(r["model"] for r in group_rows))
@@ -257,21 +313,20 @@ def plot(out, model_dirs, group_rows, rm_scores):
             ax.set_xticks(np.arange(len(groups)) + (len(names) - 1) / (2 * (len(names) + 1)), groups)
             ax.set(ylabel="mean gold score", title=f"gold per true group ({split})")
         axes[0][0].legend(fontsize=6)
-        fig.savefig(os.path.join(out, "gold_per_group.png"), dpi=120, bbox_inches="tight")
-    plot_gold_vs_kl(out, model_dirs, plt)
-    keys = ["train/loss", "objective/scores", "objective/kl", "gold/mean"]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5))
-    for name, path in model_dirs.items():
-        rows = training_log(path)
-        for ax, key in zip(axes, keys):
-            pts = [(r["step"], r[key]) for r in rows if key in r]
-            if pts:
-                ax.plot(*zip(*pts), label=name)
-    for ax, key in zip(axes, keys):
-        ax.set(title=key, xlabel="step")
-        if ax.lines:
+        save(fig, out, "gold_per_group.png")
+    plot_gold_vs_kl(out, model_dirs)
+    logs = {name: training_log(path) for name, path in model_dirs.items()}
+    keys = [k for k in ("train/loss", "objective/scores", "objective/kl", "gold/mean", "judge/mean") if any(k in r for v in logs.values() for r in v)]
+    if keys:
+        fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5), squeeze=False)
+        for ax, key in zip(axes[0], keys):
+            for name, rows in logs.items():
+                pts = [(r["step"], r[key]) for r in rows if key in r]
+                if pts:
+                    ax.plot(*zip(*pts), label=name)
+            ax.set(title=key, xlabel="step")
             ax.legend(fontsize=6)
-    fig.savefig(os.path.join(out, "training_curves.png"), dpi=120, bbox_inches="tight")
+        save(fig, out, "training_curves.png")
 
 
 def training_log(path):
@@ -283,58 +338,80 @@ def training_log(path):
         return [json.loads(line) for line in f]
 
 
+def judge_prefix(rows):
+    """Which judge a ppo_gi.py log scored its rollouts with: 'gold' (gold/*, the built-in task), else
+    'judge' (judge/*, the judge RM of ppo_gi.py --judge_reward on real data), else None."""
+    return next((j for j in JUDGE_LOGS if any(f"{j}/mean" in r for r in rows)), None)
+
+
 def gold_vs_kl(path, window=GOLD_KL_WINDOW):
     """The over-optimization curve of one ppo_gi.py run (Gao et al. 2022): per iteration, the KL
-    from π^SFT and the gold score of the sampled rollouts (mean and per true group), each a running
-    mean over `window` iterations. {} when the run logged no gold (not the built-in task)."""
-    rows = [r for r in training_log(path) if "objective/kl" in r and "gold/mean" in r]
+    from π^SFT, the judge's score of the sampled rollouts (`scores`: the mean and per group) and the
+    proxy RM's (objective/scores), each a running mean over `window` iterations. The judge is gold
+    where the run logged gold/*, else the judge RM (judge/*). {} when it logged neither."""
+    rows = training_log(path)
+    judge = judge_prefix(rows)
+    rows = [r for r in rows if judge and "objective/kl" in r and f"{judge}/mean" in r]
     if not rows:
         return {}
     smooth = lambda xs: [float(np.mean(xs[max(0, i - window + 1): i + 1])) for i in range(len(xs))]  # noqa: E731
-    keys = ["gold/mean"] + sorted(k for k in rows[-1] if k.startswith("gold/") and k != "gold/mean")
-    return {"kl": smooth([r["objective/kl"] for r in rows]),
-            **{k[len("gold/"):]: smooth([r.get(k, np.nan) for r in rows]) for k in keys}}
+    keys = [f"{judge}/mean"] + sorted(k for k in rows[-1] if k.startswith(f"{judge}/") and k != f"{judge}/mean")
+    curve = {"judge": judge, "kl": smooth([r["objective/kl"] for r in rows]),
+             "scores": {k[len(judge) + 1:]: smooth([r.get(k, np.nan) for r in rows]) for k in keys}}
+    if all("objective/scores" in r for r in rows):
+        curve["proxy"] = smooth([r["objective/scores"] for r in rows])
+    return curve
 
 
-def plot_gold_vs_kl(out, model_dirs, plt):
-    """gold_vs_kl.png: gold against KL for every PPO run among the models, one panel for the mean
-    and one per true group. Written only when some run logged gold (the built-in task)."""
+def plot_gold_vs_kl(out, model_dirs):
+    """gold_vs_kl.png: the judge's score (gold, or the judge RM's) against KL for every PPO run among
+    the models, one panel for the mean and one per group; the mean's panel also draws the proxy RM's
+    score, dashed on its own axis (Gao et al.'s picture). Written only when some run logged a judge."""
     curves = {name: c for name, path in model_dirs.items() if (c := gold_vs_kl(path))}
-    if not curves:
+    plt = pyplot() if curves else None
+    if plt is None:
         return
-    panels = list(dict.fromkeys(k for c in curves.values() for k in c if k != "kl"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
+    judge = " / ".join(dict.fromkeys(JUDGE_LOGS[c["judge"]] for c in curves.values()))
+    panels = list(dict.fromkeys(k for c in curves.values() for k in c["scores"]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 3.4), squeeze=False, layout="constrained")
     for ax, panel in zip(axes[0], panels):
-        for name, c in curves.items():
-            if panel in c:
-                ax.plot(c["kl"], c[panel], marker=".", markersize=3, label=name)
-        ax.set(xlabel="KL(π || π_SFT), per response", ylabel="gold (sampled rollouts)", title=f"gold: {panel}")
-    axes[0][0].legend(fontsize=6)
-    fig.suptitle(f"gold vs KL over PPO iterations (running mean of {GOLD_KL_WINDOW})", fontsize=9)
-    fig.savefig(os.path.join(out, "gold_vs_kl.png"), dpi=120, bbox_inches="tight")
+        for k, (name, c) in enumerate(curves.items()):
+            if panel in c["scores"]:
+                ax.plot(c["kl"], c["scores"][panel], color=f"C{k}", marker=".", markersize=3, label=name)
+        ax.set(xlabel="KL(π || π_SFT), per response", title=f"{judge}: {panel}")
+    ax = axes[0][0]
+    ax.set(ylabel=f"{judge} (sampled rollouts)")
+    handles, labels = ax.get_legend_handles_labels()
+    if any("proxy" in c for c in curves.values()):
+        twin = ax.twinx()
+        for k, (name, c) in enumerate(curves.items()):
+            if "proxy" in c:
+                twin.plot(c["kl"], c["proxy"], color=f"C{k}", ls="--", lw=1, label=f"{name}: proxy RM")
+        twin.set(ylabel="proxy RM score (dashed)")
+        handles, labels = [a + b for a, b in zip((handles, labels), twin.get_legend_handles_labels())]
+    ax.legend(handles, labels, fontsize=6)
+    fig.suptitle(f"{judge} vs KL over PPO iterations (running mean of {GOLD_KL_WINDOW})", fontsize=9)
+    save(fig, out, "gold_vs_kl.png")
 
 
 def aggregate(paths):
-    """Mean ± std (over the files, e.g. seeds) of every win rate and of every model's gold summary."""
+    """Mean ± std (over the files, e.g. seeds) of every win rate (overall and per group) and of
+    every model's gold summary."""
     runs = []
     for path in paths:
         with open(path) as f:
             runs.append(json.load(f))
     ms = lambda xs: f"{np.mean(xs):.1f} ± {np.std(xs):.1f}"  # noqa: E731
-    cells = {}
-    for r in runs:
-        for w in r["winrates"]:
-            cells.setdefault((w["judge"], w["opponent"], w["split"]), []).append(w)
-    splits = list(dict.fromkeys(k[2] for k in cells))
-    model = runs[0]["winrates"][0]["model"]
-    lines = [f"Mean ± population std over {len(runs)} runs ({', '.join(paths)}).", "",
-             f"| judge | {model} vs | " + " | ".join(f"{s}: Win / Tie / Lose" for s in splits) + " |", "|---|---|" + "---:|" * len(splits)]
-    for judge, opponent in dict.fromkeys((k[0], k[1]) for k in cells):
-        row = []
-        for s in splits:
-            ws = cells.get((judge, opponent, s), [])
-            row.append(" / ".join(ms([w[k] for w in ws]) for k in ("win", "tie", "lose")) if ws else "")
-        lines.append(f"| {judge} | {opponent} | " + " | ".join(row) + " |")
+    fmt = lambda w: " / ".join(ms([x[k] for x in w["runs"]]) for k in ("win", "tie", "lose"))  # noqa: E731
+    lines = [f"Mean ± population std over {len(runs)} runs ({', '.join(paths)})."]
+    for key in ("winrates", "winrates_by_group"):
+        cells = {}  # one row per judge, opponent (, group) and split, holding every file's
+        for r in runs:
+            for w in r.get(key, []):
+                cells.setdefault(tuple(w.get(k) for k in ("judge", "opponent", "group", "split")), {**w, "runs": []})["runs"].append(w)
+        if cells:
+            splits = list(dict.fromkeys(k[3] for k in cells))
+            lines += ["", markdown_table(list(cells.values()), runs[0]["winrates"][0]["model"], splits, fmt).rstrip("\n")]
     summaries = {}
     for r in runs:
         for g in r["groups"]:
@@ -361,30 +438,34 @@ def aggregate(paths):
 
 
 def run_table(dirs, last=10):
-    """One row per ppo_gi.py run, from its metrics.jsonl: the gold of the sampled RL rollouts over
-    the first and the last `last` iterations, the worst true group, RM score and KL over the last
-    iterations, the largest KL, the smaller inferred group, and the final greedy test gold."""
-    lines = [f"| run | β_policy | η | RL gold, first {last} | RL gold, last {last} | worst true group | RM score | KL | max KL "
-             "| smaller group | greedy test gold |", "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+    """One row per ppo_gi.py run, from its metrics.jsonl: the judge's score of the sampled RL rollouts
+    (gold, or the judge RM's with ppo_gi.py --judge_reward; judge_prefix) over the first and the last
+    `last` iterations and its worst group, the proxy RM's score and the KL over the last iterations,
+    the largest KL, the smaller inferred group, and the final greedy test gold."""
+    rows_out, judges = [], []
     for run in dirs:
         with open(os.path.join(run, "ppo_args.json")) as f:
             a = json.load(f)
-        with open(os.path.join(run, "metrics.jsonl")) as f:
-            rows = [json.loads(line) for line in f]
+        rows = training_log(run)
         its = [r for r in rows if "objective/kl" in r]
         tail = its[-last:]
         mean = lambda k, rs=tail: float(np.mean([r[k] for r in rs]))  # noqa: E731
-        gold = {k[5:]: mean(k) for k in tail[-1] if k.startswith("gold/") and k != "gold/mean"}
-        worst = min(gold, key=gold.get) if gold else None
+        j = judge_prefix(its)
+        judges += [JUDGE_LOGS[j]] if j else []
+        by_group = {k[len(j) + 1:]: mean(k) for k in tail[-1] if k.startswith(f"{j}/") and k != f"{j}/mean"} if j else {}
+        worst = min(by_group, key=by_group.get) if by_group else None
         sizes = [mean(k) for k in tail[-1] if k.startswith("groups/size_")]
         greedy = [r["eval/gold_mean"] for r in rows if "eval/gold_mean" in r]
         cells = [os.path.normpath(run), "0" if a["no_gi"] else f"{a['beta_policy']:g}", "" if a["lr"] == 0 else f"{a['kl_coef']:g}",
-                 f"{mean('gold/mean', its[:last]):.3f}" if gold else "", f"{mean('gold/mean'):.3f}" if gold else "",
-                 f"{worst} {gold[worst]:.3f}" if worst else "", f"{mean('objective/scores'):.2f}", f"{mean('objective/kl'):.2f}",
+                 f"{mean(f'{j}/mean', its[:last]):.3f}" if j else "", f"{mean(f'{j}/mean'):.3f}" if j else "",
+                 f"{worst} {by_group[worst]:.3f}" if worst else "", f"{mean('objective/scores'):.2f}" if "objective/scores" in tail[-1] else "",
+                 f"{mean('objective/kl'):.2f}",
                  f"{max(r['objective/kl'] for r in its):.1f}", "" if a["no_gi"] else f"{min(sizes):.1f} of {a['rollout_batch']}",
                  f"{greedy[-1]:.3f}" if greedy else ""]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        rows_out.append("| " + " | ".join(cells) + " |")
+    judge = " / ".join(dict.fromkeys(judges)) or "gold"
+    return "\n".join([f"| run | β_policy | η | RL {judge}, first {last} | RL {judge}, last {last} | worst group ({judge}) | proxy RM score "
+                      "| KL | max KL | smaller group | greedy test gold |", "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|", *rows_out]) + "\n"
 
 
 def run_kl(path, last=10):
@@ -470,12 +551,8 @@ def study_table(paths, out, reps=2000):
 
 def plot_study(out, names, worst, splits):
     """study.png: worst-group gold against β_policy, one line per grouping; the other rows as bands."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("evaluate: matplotlib not installed, no study.png")
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, len(splits), figsize=(6 * len(splits), 4.2), squeeze=False)
     for ax, s in zip(axes[0], splits):
@@ -494,8 +571,7 @@ def plot_study(out, names, worst, splits):
         ax.set_xscale("symlog", linthresh=0.1)
         ax.set(xlabel="β_policy", ylabel="worst true group's mean gold", title=f"worst group ({s}), mean ± std over seeds")
     axes[0][0].legend(fontsize=6)
-    os.makedirs(out, exist_ok=True)
-    fig.savefig(os.path.join(out, "study.png"), dpi=120, bbox_inches="tight")
+    save(fig, out, "study.png")
 
 
 def write_atomic(path, text):
@@ -518,10 +594,19 @@ def main(args):
         return
     if not (args.model and args.opponents):
         parser.error("--model and --opponents are required (or --aggregate, --runs)")
-    if "gold" in args.judges and args.data != "toy":
+    toy = args.data == "toy"
+    args.judges = args.judges or (["gold", "rm"] if toy else ["rm"])
+    args.splits = args.splits or (["test", "ood"] if toy else ["test"])
+    if args.ood_data and toy:
+        parser.error("--ood_data is for real data: the built-in task has its own ood split (--splits test ood)")
+    if args.ood_data and "ood" not in args.splits:
+        args.splits.append("ood")
+    if "ood" in args.splits and not (toy or args.ood_data):
+        parser.error("--splits ood on real data needs --ood_data SPEC: out-of-domain prompts from another source (e.g. PKU-SafeRLHF)")
+    if "gold" in args.judges and not toy:
         parser.error("--judges gold is the built-in task's judge: it needs --data toy")
     if "rm" in args.judges and not args.reward:
-        parser.error("--judges rm needs --reward DIR")
+        parser.error("--judges rm needs --reward DIR" + ("" if toy else " (real data: a judge RM trained on the 'judge' split), or choose --judges llm"))
     if "llm" in args.judges and not (args.judge_url and args.judge_model):
         parser.error("--judges llm needs --judge_url and --judge_model")
     model_name, _ = parse_named(args.model)
@@ -533,7 +618,12 @@ def main(args):
     args.bf16 = bool(args.bf16) if args.bf16 is not None else device.type == "cuda"
     os.makedirs(args.out, exist_ok=True)
 
-    prompts = {s: [x["prompt"] for x in data.load_prompts(args.data, f"{s}[:{args.n_prompts}]")] for s in args.splits}
+    def load(s):  # real data's ood column comes from --ood_data
+        spec, split = (args.ood_data, args.ood_split) if s == "ood" and args.ood_data else (args.data, s)
+        return data.load_prompts(spec, f"{split}[:{args.n_prompts}]", group_by=args.group_by)
+    records = {s: load(s) for s in args.splits}
+    prompts = {s: [x["prompt"] for x in r] for s, r in records.items()}
+    groups = {s: [x.get("group") for x in r] for s, r in records.items()}
     responses, perf = {}, {}  # (name, split) -> texts; name -> generation perf/*
     bar = plumbing.progress(list(model_dirs.items()), plumbing.Dist(), desc="evaluate: generate")
     for name, path in bar:
@@ -545,10 +635,10 @@ def main(args):
         for (name, s), texts in responses.items() for p, t in zip(prompts[s], texts)))
 
     scores, group_rows, summaries, rewards = {}, [], [], []
-    if args.data == "toy":
+    if toy:
         for (name, s), texts in responses.items():
             scores["gold", name, s] = [data.gold_score(p, t) for p, t in zip(prompts[s], texts)]
-            rows, summary = group_report(name, s, prompts[s], scores["gold", name, s])
+            rows, summary = group_report(name, s, groups[s], scores["gold", name, s])
             group_rows += rows
             summaries.append(summary)
     rm_margin = 0.0
@@ -561,7 +651,7 @@ def main(args):
             scores["rm", name, s] = reward.score(rm, tokenizer, prompts[s], texts).tolist()
             rewards.append({"model": name, "split": s, **reward.distribution(scores["rm", name, s])})
 
-    winrates, rng = [], random.Random(args.seed)
+    winrates, winrates_by_group, rng = [], [], random.Random(args.seed)
     for judge in args.judges:
         for opponent in args.opponents:
             opp = parse_named(opponent)[0]
@@ -571,12 +661,20 @@ def main(args):
                 else:
                     margin = rm_margin if judge == "rm" else 1e-9
                     outcomes = [compare(a, b, margin) for a, b in zip(scores[judge, model_name, s], scores[judge, opp, s])]
-                winrates.append({"judge": judge, "model": model_name, "opponent": opp, "split": s, **tally(outcomes), "n": len(outcomes)})
+                cell = {"judge": judge, "model": model_name, "opponent": opp, "split": s}
+                winrates.append({**cell, **tally(outcomes), "n": len(outcomes)})
+                by_group = {}  # where the prompts carry a group (real data's; the built-in task's true groups)
+                for g, o in zip(groups[s], outcomes):
+                    if g is not None:
+                        by_group.setdefault(g, []).append(o)
+                winrates_by_group += [{**cell, "group": g, **tally(os_), "n": len(os_)} for g, os_ in sorted(by_group.items())]
 
     n_items = {w["split"]: w["n"] for w in winrates}
     table = (f"Win / Tie / Lose: % of the prompts of each split ({', '.join(f'{s}: {n_items[s]}' for s in args.splits)}) on which "
              f"{model_name}'s response beats, ties or loses to the opponent's, by each judge.\n\n")
     table += markdown_table(winrates, model_name, args.splits)
+    if winrates_by_group:
+        table += "\nThe same per prompt group (n: the group's prompts in the split):\n\n" + markdown_table(winrates_by_group, model_name, args.splits)
     if summaries:
         table += "\n" + group_table(group_rows, summaries)
     if rewards:
@@ -587,7 +685,7 @@ def main(args):
     items = {}  # every judge's score of every response, for paired comparisons (--study)
     for (judge, name, s), v in scores.items():
         items.setdefault(judge, {}).setdefault(name, {})[s] = v
-    results = {"winrates": winrates, "groups": group_rows, "group_summary": summaries, "rewards": rewards,
+    results = {"winrates": winrates, "winrates_by_group": winrates_by_group, "groups": group_rows, "group_summary": summaries, "rewards": rewards,
                "items": items, "perf": perf, "settings": vars(args)}
     write_atomic(os.path.join(args.out, "table.md"), table)
     write_atomic(os.path.join(args.out, "results.json"), json.dumps(results, indent=1, default=float))

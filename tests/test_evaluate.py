@@ -16,7 +16,7 @@ import pytest
 
 import data
 import evaluate
-from conftest import ROOT
+from conftest import ROOT, needs_shared, shared
 
 
 def test_compare_and_tally_on_hand_made_scores():
@@ -108,6 +108,67 @@ def test_llm_judge_order_randomization_parsing_invalid_and_retries(judge_server,
     assert t["invalid"] == pytest.approx(100 * 2 / (n + 4))
 
 
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    """Server B of the redirect test: records every request (port, method, path, headers) and answers
+    any with a verdict."""
+    requests = []
+
+    def do_POST(self):
+        _Recorder.requests.append((self.server.server_address[1], self.command, self.path, dict(self.headers)))
+        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": "[[A]]"}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    do_GET = do_POST  # urllib follows a POST's 302 with a GET
+
+    def log_message(self, *args):
+        pass
+
+
+class _Redirector(_Recorder):
+    """Server A: answers a judge request with 302, to server B (`target`) or, for 'same-host', to
+    another path of its own (which answers with a verdict, as B does)."""
+    target = None
+
+    def do_POST(self):
+        _Recorder.requests.append((self.server.server_address[1], self.command, self.path, dict(self.headers)))
+        same = b"same-host" in self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(302)
+        self.send_header("Location", "/v1/moved" if same else _Redirector.target)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = _Recorder.do_POST
+
+
+def test_the_llm_judge_refuses_redirects_and_never_resends_the_key(monkeypatch, capsys):
+    servers = [http.server.ThreadingHTTPServer(("127.0.0.1", 0), h) for h in (_Redirector, _Recorder)]
+    for s in servers:
+        threading.Thread(target=s.serve_forever, daemon=True).start()
+    a_port, b_port = (s.server_address[1] for s in servers)
+    _Recorder.requests.clear()
+    _Redirector.target = f"http://127.0.0.1:{b_port}/v1/chat/completions"  # another port: another host
+    sleeps = []
+    monkeypatch.setattr(evaluate.time, "sleep", sleeps.append)
+    monkeypatch.setenv("OPENAI_API_KEY", "secret-key")
+    args = evaluate.parser.parse_args(["--model", "m=x", "--opponents", "o=y", "--judges", "llm", "--judge_url",
+                                       f"http://127.0.0.1:{a_port}/v1", "--judge_model", "test", "--judge_retries", "2"])
+    try:
+        outcomes = evaluate.llm_outcomes(args, ["q1", "q2", "q same-host"], ["x1", "x2", "x3"], ["y1", "y2", "y3"], random.Random(0))
+    finally:
+        for s in servers:
+            s.shutdown()
+    assert outcomes == ["invalid"] * 3  # no verdict from a redirect's target is counted
+    assert not any("Authorization" in h for port, _, _, h in _Recorder.requests if port == b_port)  # B never saw the key
+    # refused, not followed (same host included): one POST per item to --judge_url, not retried
+    assert [(port, method, path) for port, method, path, _ in _Recorder.requests] == [(a_port, "POST", "/v1/chat/completions")] * 3
+    assert sleeps == [] and all(h["Authorization"] == "Bearer secret-key" for *_, h in _Recorder.requests)
+    printed = capsys.readouterr().out
+    assert printed.count(f"a redirect to http://127.0.0.1:{b_port}/") == 1 and printed.count("/v1/moved") == 1  # once each
+
+
 def test_results_schema_and_identical_models_tie(toy_sft_dir, tmp_path, monkeypatch, judge_server):
     out = tmp_path / "eval"
     monkeypatch.setattr(evaluate.time, "sleep", lambda s: None)
@@ -123,6 +184,10 @@ def test_results_schema_and_identical_models_tie(toy_sft_dir, tmp_path, monkeypa
     assert {g["split"] for g in groups} == {"test", "ood"} and {g["model"] for g in groups} == {"A", "B"}
     assert all(set(g) >= {"model", "split", "group", "gold_mean"} and 0 <= g["gold_mean"] <= 1 for g in groups)
     assert "| gold | B |" in (out / "table.md").read_text()
+    by_group = results["winrates_by_group"]  # the built-in task's prompts carry their true group
+    assert len(by_group) == 2 * 2 * len(data.GROUPS) and {w["group"] for w in by_group} == set(data.GROUPS)
+    assert all(w["tie"] == 100.0 for w in by_group) and sum(w["n"] for w in by_group if w["judge"] == "gold" and w["split"] == "ood") == 10
+    assert "| judge | A vs | group | test: Win / Tie / Lose | ood: Win / Tie / Lose |" in (out / "table.md").read_text()
     assert len((out / "responses.jsonl").read_text().splitlines()) == 2 * 2 * 10
     table = (out / "table.md").read_text()
     assert table.startswith("Win / Tie / Lose: % of the prompts of each split (test: 10, ood: 10)")
@@ -150,10 +215,63 @@ def test_any_prompt_source_with_the_llm_judge(toy_sft_dir, tmp_path, judge_serve
         "--judges", "llm", "--judge_url", judge_server, "--judge_model", "test", "--out", str(out)]))
     results = json.loads((out / "results.json").read_text())
     assert [(w["judge"], w["split"], w["tie"], w["n"]) for w in results["winrates"]] == [("llm", "all", 100.0, 6)]
-    assert results["groups"] == []  # per-group gold exists only on the built-in task
+    assert results["groups"] == [] and results["winrates_by_group"] == []  # these prompts carry no group
     with pytest.raises(SystemExit):  # the gold judge needs the built-in task
         evaluate.main(evaluate.parser.parse_args(["--model", f"A={toy_sft_dir}", "--opponents", f"B={toy_sft_dir}",
                                                   "--data", str(prompts), "--judges", "gold"]))
+
+
+def test_defaults_and_their_errors_name_the_flag(tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "\n\nHuman: Hi.\n\nAssistant:"}) + "\n")
+
+    def error(*argv):  # every check runs before any model is loaded
+        with pytest.raises(SystemExit):
+            evaluate.main(evaluate.parser.parse_args(["--model", "A=nowhere", "--opponents", "B=nowhere", *argv]))
+        return capsys.readouterr().err
+
+    assert "--judges gold rm" not in error() and "--judges rm needs --reward DIR" in error()  # toy: gold and rm
+    assert "--judges rm needs --reward DIR (real data: a judge RM" in error("--data", str(prompts))  # real data: rm
+    assert "--splits ood on real data needs --ood_data SPEC" in error("--data", str(prompts), "--reward", "r", "--splits", "test", "ood")
+    assert "--ood_data is for real data" in error("--reward", "r", "--ood_data", str(prompts))
+    assert "--judges gold is the built-in task's judge" in error("--data", str(prompts), "--judges", "gold")
+
+
+@needs_shared
+def test_real_data_by_a_judge_rm_per_group_and_out_of_domain(toy_sft_dir, tmp_path):
+    """HH-RLHF with --group_by harm, the defaults otherwise (judge rm, split test), PKU-SafeRLHF as the
+    ood column; a 3-step judge RM on the `judge` split; two tiny models (their text is garbage)."""
+    import reward
+    import shutil
+    import torch
+    from safetensors.torch import load_file, save_file
+    hh = shared("data", "hh-rlhf")
+    judge_rm = str(tmp_path / "judge_rm")
+    reward.main(reward.parser.parse_args([
+        "--sft", toy_sft_dir, "--data", hh, "--split", "judge[:64]", "--out", judge_rm, "--steps", "3", "--max_len", "256", "--save_every", "0", "--stats_pairs", "16", "--batch_size", "16",
+        "--log_every", "1", "--eval_every", "1000", "--warmup", "2"]))
+    other = tmp_path / "other"  # the same model with its weights perturbed: other answers
+    shutil.copytree(toy_sft_dir, other)
+    weights = load_file(other / "model.safetensors")
+    gen = torch.Generator().manual_seed(0)
+    save_file({k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in weights.items()}, other / "model.safetensors", {"format": "pt"})
+    out = tmp_path / "eval"
+    evaluate.main(evaluate.parser.parse_args([
+        "--model", f"A={toy_sft_dir}", "--opponents", f"B={other}", "--data", hh, "--group_by", "harm", "--n_prompts", "8",
+        "--reward", judge_rm, "--ood_data", shared("data", "ood", "pku-saferlhf", "alpaca-7b-test.head10.jsonl"),
+        "--max_new_tokens", "8", "--out", str(out)]))
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["judges"] == ["rm"] and results["settings"]["splits"] == ["test", "ood"]
+    assert [(w["judge"], w["split"], w["n"]) for w in results["winrates"]] == [("rm", "test", 8), ("rm", "ood", 8)]
+    by_group = results["winrates_by_group"]
+    assert {w["group"] for w in by_group if w["split"] == "test"} == {"harmless", "helpful"}
+    assert sum(w["n"] for w in by_group if w["split"] == "ood") == 8  # PKU's own groups (harm categories)
+    for w in results["winrates"] + by_group:
+        assert w["win"] + w["tie"] + w["lose"] + w["invalid"] == pytest.approx(100)
+    assert any(w["tie"] < 100 for w in results["winrates"])  # the two models do differ
+    table = (out / "table.md").read_text()
+    assert "| judge | A vs | test: Win / Tie / Lose | ood: Win / Tie / Lose |" in table
+    assert "| rm | B | harmless | " in table and "| rm | B | helpful | " in table
 
 
 def test_pipeline_end_to_end_with_a_tiny_budget(tmp_path):
@@ -207,8 +325,8 @@ def test_the_kl_matched_search_interpolates_eta_in_log_log(tmp_path):
 def test_aggregate_mean_and_std_over_runs(tmp_path):
     paths = []
     for k, (win, gold) in enumerate([(40.0, (0.2, 0.8)), (60.0, (0.4, 1.0))]):
-        r = {"winrates": [{"judge": "gold", "model": "M", "opponent": "O", "split": "test", "win": win, "tie": 100 - win - 10,
-                           "lose": 10.0, "invalid": 0.0}],
+        w = {"judge": "gold", "model": "M", "opponent": "O", "split": "test", "win": win, "tie": 100 - win - 10, "lose": 10.0, "invalid": 0.0}
+        r = {"winrates": [w], "winrates_by_group": [{**w, "group": "g1", "n": 5, "win": win / 2, "tie": 90 - win / 2}],
              "groups": [{"model": "M", "split": "test", "group": "g1", "gold_mean": gold[0]},
                         {"model": "M", "split": "test", "group": "g2", "gold_mean": gold[1]}]}
         paths.append(str(tmp_path / f"r{k}.json"))
@@ -216,29 +334,59 @@ def test_aggregate_mean_and_std_over_runs(tmp_path):
             json.dump(r, f)
     text = evaluate.aggregate(paths)
     assert "| gold | O | 50.0 ± 10.0 / 40.0 ± 10.0 / 10.0 ± 0.0 |" in text  # np.std: population std
+    assert "| gold | O | g1 | 25.0 ± 5.0 / 65.0 ± 5.0 / 10.0 ± 0.0 (n 5) |" in text
     assert "| M | test | 0.300 | 0.900 | 0.600 ± 0.100 | 0.600 ± 0.000 |" in text
 
 
+def _ppo_run(path, judge, slope, n=7, no_gi=False):
+    """A synthetic ppo_gi.py run: ppo_args.json and a metrics.jsonl whose judge (`gold` or `judge`)
+    score moves by `slope` per iteration while the proxy RM's score (objective/scores) rises."""
+    path.mkdir()
+    (path / "ppo_args.json").write_text(json.dumps({"no_gi": no_gi, "beta_policy": 0.1, "lr": 1e-5, "kl_coef": 0.05, "rollout_batch": 64}))
+    groups = ("copy", "summary") if judge == "gold" else ("harmless", "helpful")
+    rows = [{"step": 0, "train/loss": 1.0}] + [
+        {"step": i, "objective/kl": 0.1 * i, "objective/scores": 1.0 + 0.5 * i, f"{judge}/mean": 0.5 + slope * i,
+         f"{judge}/{groups[0]}": 0.6, f"{judge}/{groups[1]}": 0.4 - 0.01 * i, "groups/size_0": 20.0 + i, "groups/size_1": 44.0 - i}
+        for i in range(1, n + 1)]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
 def test_gold_vs_kl_curve_is_computed_and_plotted(tmp_path):
-    """The over-optimization plot from each PPO run's metrics.jsonl: running means of KL and gold."""
-    runs = {}
-    for name, slope in (("PPO", 0.1), ("GI-PPO", -0.1)):
-        run = tmp_path / name
-        run.mkdir()
-        rows = [{"step": 0, "train/loss": 1.0}] + [
-            {"step": i, "objective/kl": 0.1 * i, "gold/mean": 0.5 + slope * i, "gold/copy": 0.6, "gold/summary": 0.4 - 0.01 * i}
-            for i in range(1, 8)]
-        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        runs[name] = str(run)
-    runs["SFT"] = str(tmp_path / "sft_without_metrics")
+    """The over-optimization plot from each PPO run's metrics.jsonl: running means of KL, of the
+    judge's score (gold on the built-in task, judge/* from the judge RM on real data) and of the proxy's."""
+    runs = {"PPO": _ppo_run(tmp_path / "PPO", "gold", 0.1), "GI-PPO": _ppo_run(tmp_path / "GI-PPO", "gold", -0.1),
+            "SFT": str(tmp_path / "sft_without_metrics")}
     curve = evaluate.gold_vs_kl(runs["PPO"], window=2)
-    assert set(curve) == {"kl", "mean", "copy", "summary"} and len(curve["kl"]) == 7
-    assert curve["kl"][:2] == pytest.approx([0.1, 0.15]) and curve["mean"][-1] == pytest.approx(0.5 + 0.1 * 6.5)
+    assert curve["judge"] == "gold" and set(curve["scores"]) == {"mean", "copy", "summary"} and len(curve["kl"]) == 7
+    assert curve["kl"][:2] == pytest.approx([0.1, 0.15]) and curve["scores"]["mean"][-1] == pytest.approx(0.5 + 0.1 * 6.5)
+    assert curve["proxy"][-1] == pytest.approx(1.0 + 0.5 * 6.5)
     assert evaluate.gold_vs_kl(runs["SFT"]) == {}
+    # a real-data run that logged the judge RM (ppo_gi.py --judge_reward) instead of gold: the same curve
+    judged = evaluate.gold_vs_kl(_ppo_run(tmp_path / "real", "judge", -0.05), window=2)
+    assert judged["judge"] == "judge" and set(judged["scores"]) == {"mean", "harmless", "helpful"}
+    assert judged["scores"]["mean"][-1] == pytest.approx(0.5 - 0.05 * 6.5) and judged["proxy"][-1] == pytest.approx(4.25)
     if importlib.util.find_spec("matplotlib") is None:
         pytest.skip("matplotlib not installed: no plots")
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    evaluate.plot_gold_vs_kl(str(tmp_path), runs, plt)
-    assert (tmp_path / "gold_vs_kl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name, dirs in (("toy", runs), ("real", {"PPO": str(tmp_path / "real")})):
+        evaluate.plot_gold_vs_kl(str(tmp_path / name), dirs)
+        assert (tmp_path / name / "gold_vs_kl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_run_table_reports_the_judge_and_the_proxy(tmp_path):
+    toy = _ppo_run(tmp_path / "toy", "gold", 0.1)
+    real, plain = _ppo_run(tmp_path / "real", "judge", -0.05), _ppo_run(tmp_path / "plain", "judge", 0.0, no_gi=True)
+    table = evaluate.run_table([toy], last=2).splitlines()
+    assert table[0].startswith("| run | β_policy | η | RL gold, first 2 | RL gold, last 2 | worst group (gold) | proxy RM score |")
+    assert table[2].split(" | ")[1:9] == ["0.1", "0.05", "0.650", "1.150", "summary 0.335", "4.25", "0.65", "0.7"]
+    table = evaluate.run_table([real, plain], last=2).splitlines()
+    assert "| RL judge RM, first 2 | RL judge RM, last 2 | worst group (judge RM) |" in table[0] and len(table) == 4
+    # last 2 iterations (6, 7): judge 0.5 − 0.05·6.5, helpful 0.4 − 0.01·6.5; the first 2 (1, 2): 0.5 − 0.05·1.5
+    assert table[2].split(" | ")[3:7] == ["0.425", "0.175", "helpful 0.335", "4.25"]
+    assert table[3].split(" | ")[1] == "0" and table[3].split(" | ")[9] == ""  # PPO: no GI, no inferred groups
+    # a run that logged no judge at all: empty judge cells, the proxy still there
+    bare = tmp_path / "bare"
+    _ppo_run(bare, "gold", 0.0)
+    (bare / "metrics.jsonl").write_text("".join(json.dumps({"objective/kl": 0.1, "objective/scores": 2.0, "groups/size_0": 32.0}) + "\n"
+                                                for _ in range(3)))
+    assert evaluate.run_table([str(bare)]).splitlines()[2].split(" | ")[3:7] == ["", "", "", "2.00"]
