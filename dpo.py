@@ -105,15 +105,17 @@ def main(args):
                                             need_group=args.group_robust)
     source = os.path.join(ckpt, "model") if ckpt else args.sft
     tokenizer = plumbing.load_tokenizer(source)
-    policy = plumbing.shard(plumbing.load_model(source, tokenizer, seed=args.seed), d, bf16=args.bf16, compile_blocks=args.compile)
-    reference = plumbing.shard(plumbing.load_model(args.sft, tokenizer, seed=args.seed), d, bf16=args.bf16, compile_blocks=args.compile)
+    policy = plumbing.shard(plumbing.load_model(source, tokenizer, seed=args.seed), d, bf16=args.bf16, compile_blocks=args.compile,
+                            checkpointing=args.gradient_checkpointing)
+    reference = plumbing.shard(plumbing.load_model(args.sft, tokenizer, seed=args.seed, dtype=plumbing.frozen_dtype(d)), d,
+                               bf16=args.bf16, compile_blocks=args.compile)
     reference.eval().requires_grad_(False)  # π_ref stays the SFT model
     optimizer = sft.adamw(policy, args)
     state = sft.resumed_state(ckpt, policy, optimizer, d)
     first = state["step"]
     train_ex, train = reward.tokenize_pairs(tokenizer, train, args.max_len, report="dpo")
     heldout_ex, _ = reward.tokenize_pairs(tokenizer, heldout[:1000], args.max_len)
-    log = plumbing.MetricsLog(os.path.join(args.out, "metrics.jsonl"), d, resume_at=state.get("log_bytes"))
+    log = plumbing.MetricsLog(os.path.join(args.out, "metrics.jsonl"), d, resume_at=state.get("log_bytes"), report_to=args.report_to)
     if d.main:
         print(f"dpo: {args.sft} on {args.data}: {len(train_ex)} train / {len(heldout_ex)} held-out pairs, "
               f"beta {args.beta}, {d.world} process(es), steps {first}..{args.steps}")

@@ -68,20 +68,20 @@ parser.add_argument("--splits", nargs="+", default=None, help="prompt splits, ea
 parser.add_argument("--ood_data", default=None, help="real data: data.py spec of out-of-domain prompts from another source (e.g. PKU-SafeRLHF), the `ood` column")
 parser.add_argument("--ood_split", default="all", help="split of --ood_data")
 parser.add_argument("--group_by", choices=[g for g in data.GROUP_BY if g], default=None, help="data.load_prompts' group_by: harm folds HH subsets into harmless / helpful")
-parser.add_argument("--n_prompts", type=int, default=200, help="prompts per split (the first N)")
+parser.add_argument("--n_prompts", type=plumbing.at_least(1), default=200, help="prompts per split (the first N)")
 parser.add_argument("--judges", nargs="+", choices=["gold", "rm", "llm"], default=None, help="judges to run; default: gold rm (toy), rm (real data)")
 parser.add_argument("--reward", default=None, help="reward model directory (the rm judge, and the reward distributions). On real data, the judge RM: "
                     "trained on the `judge` split (which no policy or proxy RM sees) with a larger budget (Gao et al. 2022)")
-parser.add_argument("--rm_tie_margin", type=float, default=0.1, help="rm judge: a tie when |Δ score| < this × the RM's std on its training pairs")
+parser.add_argument("--rm_tie_margin", type=plumbing.at_least(0.0, float), default=0.1, help="rm judge: a tie when |Δ score| < this × the RM's std on its training pairs")
 parser.add_argument("--judge_url", default=None, help="llm judge: base URL of an OpenAI-compatible API (…/v1)")
 parser.add_argument("--judge_model", default=None, help="llm judge: the model name sent in each request")
 parser.add_argument("--judge_key_env", default="OPENAI_API_KEY", help="llm judge: environment variable holding the API key (may be unset for a local server)")
-parser.add_argument("--judge_retries", type=int, default=3, help="llm judge: retries of a failed request (backoff 1, 2, 4 … s, at most 30 s)")
-parser.add_argument("--judge_timeout", type=float, default=60.0, help="llm judge: seconds per request")
-parser.add_argument("--max_new_tokens", type=int, default=24, help="response length limit")
-parser.add_argument("--max_prompt_len", type=int, default=128, help="prompts are cut from the left to this many tokens")
-parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sampling, seeded with --seed")
-parser.add_argument("--batch_size", type=int, default=50, help="prompts per generation batch")
+parser.add_argument("--judge_retries", type=plumbing.at_least(0), default=3, help="llm judge: retries of a failed request (backoff 1, 2, 4 … s, at most 30 s)")
+parser.add_argument("--judge_timeout", type=plumbing.at_least(0.0, float, above=True), default=60.0, help="llm judge: seconds per request")
+parser.add_argument("--max_new_tokens", type=plumbing.at_least(1), default=24, help="response length limit")
+parser.add_argument("--max_len", type=plumbing.at_least(2), default=152, help="max tokens of prompt + response: prompts are cut from the left to --max_len − --max_new_tokens")
+parser.add_argument("--temperature", type=plumbing.at_least(0.0, float), default=0.0, help="0: greedy; > 0: sampling, seeded with --seed")
+parser.add_argument("--batch_size", type=plumbing.at_least(1), default=50, help="prompts per generation batch")
 parser.add_argument("--generate_impl", choices=plumbing.GENERATE_IMPLS, default=None, help="decoder: loop (plumbing's own) or hf (transformers' generate); default: plumbing.GENERATE_IMPL")
 parser.add_argument("--seed", type=int, default=1, help="seed of sampling and of the llm judge's A/B order")
 parser.add_argument("--bf16", type=int, default=None, help="bf16 autocast compute, fp32 weights (default: on under CUDA, off on CPU)")
@@ -215,7 +215,7 @@ def respond(args, path, prompts, device):
         texts[split] = []
         for i in range(0, len(ps), args.batch_size):
             out = plumbing.generate(model, tokenizer, ps[i:i + args.batch_size], max_new_tokens=args.max_new_tokens,
-                                    temperature=args.temperature, max_prompt_len=args.max_prompt_len, seed=args.seed + i,
+                                    temperature=args.temperature, max_prompt_len=args.max_len - args.max_new_tokens, seed=args.seed + i,
                                     impl=args.generate_impl)
             texts[split] += out[3]
             n_tokens += int((out[2] != tokenizer.pad_token_id).sum())  # generated tokens up to each EOS
@@ -613,6 +613,10 @@ def main(args):
     model_dirs = dict(parse_named(s) for s in [args.model] + args.opponents)
     if len(model_dirs) != 1 + len(args.opponents):
         parser.error("--model and --opponents need distinct names")
+    for name, path in model_dirs.items():
+        plumbing.check_model_dir(path, f"--model/--opponents {name}=", "lm")
+    if args.reward:
+        plumbing.check_model_dir(args.reward, "--reward", "score")
     plumbing.seed_everything(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.bf16 = bool(args.bf16) if args.bf16 is not None else device.type == "cuda"

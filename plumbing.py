@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -26,6 +27,7 @@ import weakref
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 
 import data
 
@@ -303,6 +305,12 @@ def _from_pretrained(auto, spec, source, **kw):
     return model
 
 
+def frozen_dtype(d):
+    """The dtype of a model that only runs forward (the reference, a reward model): bf16 on CUDA,
+    half the memory of fp32 weights that autocast would cast to bf16 anyway; fp32 on CPU."""
+    return torch.bfloat16 if d.device.type == "cuda" else torch.float32
+
+
 def load_model(spec, tokenizer, seed=0, dtype=torch.float32, head="lm", **tiny_overrides):
     """A transformers model from `tiny` (built from a config), a hub id or directory, or a `.gguf`
     file. head="lm": *ForCausalLM; head="score": *ForSequenceClassification with one output (the
@@ -347,7 +355,20 @@ def fused_gelu(model):
             setattr(model.config, key, "gelu_pytorch_tanh")
 
 
-def shard(model, d, bf16=False, compile_blocks=False):
+def checkpoint_blocks(model):
+    """Gradient checkpointing: each decoder block keeps only its input and recomputes its activations
+    in the backward pass (memory for time), in train and eval mode alike (PPO keeps eval mode for
+    dropout off, where transformers' own switch does nothing). Without gradients it runs as before."""
+    for block in decoder_blocks(model):
+        def checkpointed(*args, _forward=block.forward, **kwargs):
+            if not torch.is_grad_enabled():
+                return _forward(*args, **kwargs)
+            return torch.utils.checkpoint.checkpoint(functools.partial(_forward, **kwargs), *args, use_reentrant=False)
+        block.forward = checkpointed
+    return model
+
+
+def shard(model, d, bf16=False, compile_blocks=False, checkpointing=False):
     """Put `model` on the device, the same way for 1 and N processes. N processes: FSDP2
     `fully_shard` of each decoder block (the classes in `_no_split_modules`), then the root.
     bf16: the forward runs under bf16 autocast in every case (fp32 master weights, optimizer and
@@ -355,6 +376,8 @@ def shard(model, d, bf16=False, compile_blocks=False):
     decoder block (one compiled graph, reused by every block of the same class). Not the whole
     model: its graph would also hold the LM head over the kept positions, whose number changes
     from batch to batch (`logits_to_keep`): a new shape for the compiler each time."""
+    if checkpointing:
+        checkpoint_blocks(model)
     blocks = decoder_blocks(model) if (d.sharded or compile_blocks) else []
     if d.sharded:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -750,12 +773,14 @@ def save_model(model, tokenizer, out_dir, d, extra=None):
         dist.barrier()
 
 
-def save_checkpoint(ckpt_dir, models, optimizers, tokenizer, state, d):
-    """A resumable checkpoint: each model in `models` ({name: module}) as a save_pretrained
-    folder, the optimizers' full state, the RNG state and `state` (step etc.). Written to
-    `ckpt_dir.tmp` and renamed into place."""
+def save_checkpoint(out, step, models, optimizers, tokenizer, state, d, keep=1):
+    """A resumable checkpoint in OUT/checkpoints/step-NNNNNN: each model in `models` ({name: module})
+    as a save_pretrained folder (from_pretrained loads it with no code from here), the optimizers'
+    full state, the RNG state and `state` (step, flags, …). Written under a temporary name and
+    renamed into place; then all but the newest `keep` checkpoints are deleted."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    tmp = ckpt_dir.rstrip("/") + ".tmp"
+    final = os.path.join(out, "checkpoints", f"step-{step:06d}")
+    tmp = final + ".tmp"
     opt_states = {}
     for name, model in models.items():
         hf, full, rest = _transformers_part(model, _full_model_state(model, d))
@@ -775,17 +800,25 @@ def save_checkpoint(ckpt_dir, models, optimizers, tokenizer, state, d):
         torch.save({"optimizers": opt_states, "torch_rng": torch.get_rng_state()}, os.path.join(tmp, "trainer_state.pt"))
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
             json.dump({"state": state, "rng": rng_state()}, f)
-        _replace_dir(tmp, ckpt_dir)
+        _replace_dir(tmp, final)
+        for old in checkpoints(out)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
     if d.sharded:
         dist.barrier()
 
 
-def find_checkpoint(ckpt_dir):
-    """The newest complete checkpoint (falls back to `.old` if a swap was interrupted)."""
-    for path in (ckpt_dir, ckpt_dir.rstrip("/") + ".old"):
-        if all(os.path.exists(os.path.join(path, f"trainer_state.{ext}")) for ext in ("pt", "json")):
-            return path
-    return None
+def checkpoints(out):
+    """The complete checkpoints in OUT/checkpoints, oldest first."""
+    folder = os.path.join(out, "checkpoints")
+    names = sorted(n for n in os.listdir(folder) if re.fullmatch(r"step-\d+", n)) if os.path.isdir(folder) else []
+    return [os.path.join(folder, n) for n in names
+            if all(os.path.exists(os.path.join(folder, n, f"trainer_state.{ext}")) for ext in ("pt", "json"))]
+
+
+def find_checkpoint(out):
+    """The newest complete checkpoint of the run in `out`, or None."""
+    found = checkpoints(out)
+    return found[-1] if found else None
 
 
 def checkpoint_state(ckpt):
@@ -813,9 +846,9 @@ def resume_from(args, parser, may_change):
     model, the data or a shape is an error that names it. None without --resume."""
     if not args.resume:
         return None
-    ckpt = find_checkpoint(os.path.join(args.out, "checkpoint"))
+    ckpt = find_checkpoint(args.out)
     if ckpt is None:
-        parser.error(f"--resume: no checkpoint in {os.path.join(args.out, 'checkpoint')} (nothing to resume; drop --resume to start anew)")
+        parser.error(f"--resume: no checkpoint in {os.path.join(args.out, 'checkpoints')} (nothing to resume; drop --resume to start anew)")
     saved, now = checkpoint_state(ckpt).get("args", {}), json.loads(json.dumps(vars(args)))
     differ = sorted(k for k in set(saved) | set(now) if k not in may_change and saved.get(k) != now.get(k))
     if differ:
@@ -825,17 +858,24 @@ def resume_from(args, parser, may_change):
 
 
 class MetricsLog:
-    """JSON lines, one per logged step, written by rank 0 only. On resume the file is first cut back
-    to its length when the checkpoint was saved (`resume_at`, from tell()): rows logged after the
+    """JSON lines, one per logged step, written by rank 0 only, and the same scalars to TensorBoard
+    with report_to="tensorboard" (an optional package). On resume the file is first cut back to its
+    length when the checkpoint was saved (`resume_at`, from tell()): rows logged after the
     checkpoint, by the run that died, are logged again by the resumed run, not twice."""
 
-    def __init__(self, path, d, resume_at=None):
-        self.file = None
+    def __init__(self, path, d, resume_at=None, report_to="none"):
+        self.file, self.board = None, None
         if d.main:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             if resume_at is not None and os.path.exists(path):
                 os.truncate(path, resume_at)
             self.file = open(path, "a" if resume_at is not None else "w")
+            if report_to == "tensorboard":
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError:
+                    raise SystemExit("--report_to tensorboard needs the tensorboard package: pip install tensorboard") from None
+                self.board = SummaryWriter(os.path.join(os.path.dirname(path) or ".", "tensorboard"))
         self.start = time.time()
 
     def tell(self):
@@ -847,10 +887,26 @@ class MetricsLog:
             clean = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
             self.file.write(json.dumps({"step": step, "time_s": round(time.time() - self.start, 2), **clean}) + "\n")
             self.file.flush()
+        if self.board:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)):
+                    self.board.add_scalar(k, v, step)
+
+    def log_samples(self, step, rows):
+        """A table of sampled completions ({column: value} rows): a `samples` row in the log, and a
+        text table in TensorBoard."""
+        self.log(step, {"samples": rows})
+        if self.board and rows:
+            cols = list(rows[0])
+            table = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n" + "".join(
+                "| " + " | ".join(str(r[c]).replace("|", "\\|").replace("\n", " ") for c in cols) + " |\n" for r in rows)
+            self.board.add_text("samples", table, step)
 
     def close(self):
         if self.file:
             self.file.close()
+        if self.board:
+            self.board.close()
 
 
 def perf_metrics(n_tokens, seconds, device):

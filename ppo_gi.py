@@ -47,23 +47,29 @@ import sft
 
 count, rate = plumbing.at_least(1), plumbing.at_least(0.0, float)
 # flags that --resume may change: how long, how often to log, evaluate or save; none changes the model, the data or a shape
-MAY_CHANGE_ON_RESUME = {"steps", "stop_at", "resume", "save_every", "log_every", "eval_prompts", "max_skipped", "grad_cos"}
+MAY_CHANGE_ON_RESUME = {"steps", "stop_at", "resume", "save_every", "log_every", "eval_prompts", "eval_split", "max_skipped", "grad_cos",
+                        "keep_checkpoints", "report_to", "sample_every", "judge_reward"}
 # fmt: off
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 parser.add_argument("--sft", default="runs/sft", help="SFT directory: initial policy and frozen reference π^SFT")
 parser.add_argument("--reward", default="runs/reward", help="reward model directory (also the critic's init), or 'gold' for the built-in gold judge")
 parser.add_argument("--data", default="toy", help="data.py spec of prompts")
-parser.add_argument("--split", default="rl", help="prompt split")
+parser.add_argument("--split", default="rl", help="prompt split (real data: data.py carves train / rl / judge / test)")
+parser.add_argument("--eval_split", default="test", help="prompts of the greedy evaluation at the end (built-in task: gold per true group)")
 parser.add_argument("--out", default="runs/gi_ppo", help="output directory")
 parser.add_argument("--steps", type=count, default=60, help="PPO iterations (rollout + update)")
 parser.add_argument("--rollout_batch", type=count, default=64, help="prompts per iteration (all ranks together)")
-parser.add_argument("--minibatch", type=count, default=64, help="samples per PPO minibatch (all ranks together); large, so that a step follows the reward rather than sampling noise")
+parser.add_argument("--batch_size", "--minibatch", dest="minibatch", type=count, default=64, help="samples per PPO update (the global batch of one optimizer step, all ranks together); large, so that a step follows the reward rather than sampling noise")
+parser.add_argument("--grad_accum", type=count, default=1, help="micro-batches per rank per PPO update (gradient accumulation: the same update in less memory)")
+parser.add_argument("--forward_batch", type=plumbing.at_least(0), default=0, help="rows per forward pass when a rollout is scored (reward, reference log-probs, values; 0: a rank's whole rollout at once)")
 parser.add_argument("--ppo_epochs", type=count, default=1, help="passes over each rollout (MOSS-RLHF: 1)")
 parser.add_argument("--max_new_tokens", type=count, default=24, help="response length limit")
 parser.add_argument("--min_new_tokens", type=plumbing.at_least(0), default=0, help="suppress EOS before this many tokens (benchmarks)")
-parser.add_argument("--max_prompt_len", type=count, default=128, help="prompts are cut from the left to this many tokens")
+parser.add_argument("--max_len", type=plumbing.at_least(2), default=152, help="max tokens of prompt + response: prompts are cut from the left to --max_len − --max_new_tokens")
 parser.add_argument("--temperature", type=plumbing.at_least(0.0, float, above=True), default=1.0, help="sampling temperature; log-probs are taken at the same T")
 parser.add_argument("--lr", type=rate, default=2e-5, help="policy learning rate, small enough that a no-signal run (--shuffle_rewards) leaves the policy where it was (pipeline.sh: 6e-5 on the built-in task; 5e-7 at 7B)")
+parser.add_argument("--warmup", type=plumbing.at_least(0), default=0, help="iterations of linear learning-rate warm-up (policy and critic)")
+parser.add_argument("--decay", choices=["none", "cosine"], default="none", help="after the warm-up: a constant learning rate, or cosine decay to 10%% at --steps")
 parser.add_argument("--critic_lr", type=rate, default=3e-4, help="critic + group head learning rate: the value head must track returns within a few iterations (1.5e-6 at 7B)")
 parser.add_argument("--kl_coef", type=rate, default=0.05, help="η: KL penalty coefficient (0: PPO without KL)")
 parser.add_argument("--kl_estimator", choices=["k1", "k3"], default="k1", help="per-token KL estimate penalized and logged")
@@ -86,7 +92,12 @@ parser.add_argument("--whiten_advantages", type=int, choices=[0, 1], default=1, 
 parser.add_argument("--no_eos_margin", type=rate, default=1.0, help="a response that never emits EOS scores this far (scaled units) below the batch's lowest finished response")
 parser.add_argument("--shuffle_rewards", action="store_true", help="no-signal control: permute the final scores (no-EOS floor included) within each rank's share of the rollout batch, so any change is the update's noise")
 parser.add_argument("--reward_clip", type=rate, default=0.0, help="clip the scaled score to ±this (0: off; PPO-max uses 0.8)")
-parser.add_argument("--eval_prompts", type=plumbing.at_least(0), default=200, help="toy only: greedy-decode this many test prompts at the end and report gold scores")
+parser.add_argument("--eval_prompts", type=plumbing.at_least(0), default=200, help="toy only: greedy-decode this many --eval_split prompts at the end and report gold scores")
+parser.add_argument("--judge_reward", default=None, help="a reward model that only watches: its scores of the same rollouts are logged as judge/* (Gao et al.'s proxy/gold protocol on real data); never trained on")
+parser.add_argument("--sample_every", type=plumbing.at_least(0), default=0, help="every K iterations, log a table of sampled completions: prompt, response, score, group, KL (0: never)")
+parser.add_argument("--report_to", choices=["none", "tensorboard"], default="none", help="also log to TensorBoard (OUT/tensorboard; needs the tensorboard package)")
+parser.add_argument("--gradient_checkpointing", type=int, choices=[0, 1], default=0, help="1: recompute each decoder block's activations in the backward pass (policy and critic; less memory, more time)")
+parser.add_argument("--keep_checkpoints", type=count, default=1, help="keep the newest K checkpoints in OUT/checkpoints (policy/ and critic/: save_pretrained folders)")
 parser.add_argument("--save_every", type=plumbing.at_least(0), default=20, help="checkpoint every K iterations (0: never)")
 parser.add_argument("--stop_at", type=count, default=None, help="stop after this iteration as if interrupted (for resume tests)")
 parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint; only these flags may differ from the run being resumed: " + ", ".join(f"--{k}" for k in sorted(MAY_CHANGE_ON_RESUME)))
@@ -179,30 +190,38 @@ def per_trajectory_terms(j_form, G, pg_per_token, n_tok, minibatch, new_logp, re
 
 
 def policy_loss(new_logp, old_logp, adv, returns, r_mask, G, probs, *, n_tok, minibatch, cliprange, n_min,
-                j_form="derived", reduce=None):
+                j_form="derived", reduce=None, micro=None):
     """θ's two losses on one minibatch, a pure function of tensors (tests check it by hand):
     the clipped surrogate, a per-token mean over the global minibatch of n_tok response tokens
     (PPO_DETAILS 11), and R_var(θ, φ) of the terms J_i with p(g|x, y) fixed (`probs`, no gradient),
     whose θ-gradient is the group invariant term. `reduce` sums the group sums over ranks.
-    Returns (pg_loss, r_var, J, ratio, per-token surrogate)."""
+    Gradient accumulation: with `micro` (row indices into G and probs) the first five tensors are
+    that micro-batch's rows only; R_var then takes every other row's J_i at its value G_i, so the
+    micro-batches' gradients add up to the whole minibatch's. Returns (pg_loss, r_var, J, ratio,
+    per-token surrogate)."""
     ratio = (new_logp - old_logp).exp()
     # L^CLIP(θ) = E_t[max(−A_t·ρ_t, −A_t·clip(ρ_t, 1 − ε, 1 + ε))],  ρ_t = π_θ(a_t|s_t) / π_θold(a_t|s_t)
     pg_per_token = torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - cliprange, 1 + cliprange)) * r_mask
     pg_loss = pg_per_token.sum() / n_tok
-    J = per_trajectory_terms(j_form, G, pg_per_token, n_tok, minibatch, new_logp, returns, r_mask)
+    J = per_trajectory_terms(j_form, G if micro is None else G[micro], pg_per_token, n_tok, minibatch, new_logp, returns, r_mask)
+    if micro is not None:
+        J = G.detach().index_put((micro,), J)
     # R_g(θ) = Σ_i p(g|x_i,y_i)·J_i / max(Σ_i p(g|x_i,y_i), n_min);  R_var(θ, φ) = Var(R_g1(θ), …, R_gM(θ))
     r_var = groups.variance_penalty(groups.group_returns(J, probs.detach(), reduce, n_min))
     return pg_loss, r_var, J, ratio, pg_per_token
 
 
-def critic_loss(v, old_v, returns, r_mask, j_phi, p_phi, *, n_tok, cliprange_value, n_min, reduce=None):
+def critic_loss(v, old_v, returns, r_mask, j_phi, p_phi, *, n_tok, cliprange_value, n_min, reduce=None, micro=None, p_rest=None):
     """The critic's two losses on one minibatch, a pure function of tensors: the clipped value loss,
     a per-token mean over the global minibatch (PPO_DETAILS 11), and φ's objective R_var of the
     detached terms j_phi under the critic's own p_φ, divided by their variance over the minibatch so
-    that β_critic means the same at any reward scale. Returns (vf_loss, r_var_phi)."""
+    that β_critic means the same at any reward scale. With `micro`, v … p_phi are that micro-batch's
+    rows and `p_rest` every row's p_φ without gradient (as policy_loss). Returns (vf_loss, r_var_phi)."""
     v_clipped = old_v + torch.clamp(v - old_v, -cliprange_value, cliprange_value)
     # L^V(V) = ½·max((V(s_t) − R_t)², (V_clip(s_t) − R_t)²),  V_clip = V_old + clip(V − V_old, −ε_V, ε_V)
     vf_loss = (0.5 * torch.max((v - returns) ** 2, (v_clipped - returns) ** 2) * r_mask).sum() / n_tok
+    if micro is not None:
+        p_phi = p_rest.detach().index_put((micro,), p_phi)
     j_phi = j_phi.detach()
     moments = torch.stack([torch.ones_like(j_phi).sum(), j_phi.sum(), (j_phi ** 2).sum()])
     n, total, squares = reduce(moments) if reduce is not None else moments
@@ -268,7 +287,7 @@ def load_scorer(spec, tokenizer, d, bf16):
             return torch.tensor([data.gold_score(p, t) for p, t in zip(prompts, texts)], device=ids.device)
         scorer.center = 0.5
         return scorer
-    rm = plumbing.shard(reward.load_reward_model(spec, tokenizer).eval(), d, bf16=bf16).requires_grad_(False)
+    rm = plumbing.shard(reward.load_reward_model(spec, tokenizer, dtype=plumbing.frozen_dtype(d)).eval(), d, bf16=bf16).requires_grad_(False)
     with open(os.path.join(spec, "reward_stats.json")) as f:
         center = json.load(f)["mean"]
 
@@ -306,18 +325,29 @@ def group_probs(args, critic, ids, mask, P, labels):
     return values, group_logits.softmax(-1)
 
 
-def rollout(args, d, policy, reference, critic, scorer, tokenizer, prompts, it, running, labels=None):
+def in_chunks(fn, size, *rows):
+    """fn(*rows) in chunks of `size` rows (0: all at once; every rank runs as many, as FSDP needs),
+    its tensor outputs concatenated. Rows may be tensors, lists or None."""
+    n = len(rows[0])
+    if not size or size >= n:
+        return fn(*rows)
+    outs = [fn(*(r if r is None else r[i:i + size] for r in rows)) for i in range(0, n, size)]
+    return tuple(map(torch.cat, zip(*outs))) if isinstance(outs[0], tuple) else torch.cat(outs)
+
+
+def rollout(args, d, policy, reference, critic, scorer, tokenizer, prompts, it, running, labels=None, judge=None, groups_of=None):
     """Steps 1–5 of the algorithm box on this rank's prompts; returns a dict of [b, …] tensors.
-    `labels` [b]: each prompt's group index under --groups known (else None)."""
+    `labels` [b]: each prompt's group index under --groups known (else None); `judge`: a scorer
+    that only watches (--judge_reward); `groups_of`: each prompt's group name, for the logs."""
     policy.eval()
     t0 = time.perf_counter()
     # 1. sample: the data order is the same on every rank, the sampling seed differs per rank
     q_ids, q_mask, resp, texts, sampler_logp = plumbing.generate(
         policy, tokenizer, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-        max_prompt_len=args.max_prompt_len, seed=args.seed * 100003 + it * d.world + d.rank,
+        max_prompt_len=args.max_len - args.max_new_tokens, seed=args.seed * 100003 + it * d.world + d.rank,
         min_new_tokens=args.min_new_tokens, cache=args.generate_cache, impl=args.generate_impl, return_logprobs=True)
     t_gen = time.perf_counter() - t0
-    # the static KV caches pad every prompt to --max_prompt_len: drop the columns that are padding in
+    # the static KV caches pad every prompt to its longest allowed length: drop the columns that are padding in
     # every row, so that the scoring forwards and the update do not compute on them
     first = int(q_mask.any(0).nonzero()[0, 0])
     q_ids, q_mask = q_ids[:, first:], q_mask[:, first:]
@@ -330,7 +360,7 @@ def rollout(args, d, policy, reference, critic, scorer, tokenizer, prompts, it, 
         labels = labels.to(d.device)
     with torch.no_grad():
         # 2. score; scale by the running std; no EOS → below every finished response (PPO_DETAILS 5)
-        raw = scorer(prompts, texts, ids, mask)
+        raw = in_chunks(scorer, args.forward_batch, prompts, texts, ids, mask)
         bad = int(plumbing.all_reduce_sum((~torch.isfinite(raw)).sum().float(), d).item())
         if bad:  # every rank has the count, so every rank stops
             raise SystemExit(f"ppo_gi: {bad} rollout score(s) from --reward {args.reward} are not finite (NaN or inf); stopped before training on them")
@@ -338,8 +368,8 @@ def rollout(args, d, policy, reference, critic, scorer, tokenizer, prompts, it, 
         # 3. old log-probs (the sampler's own, PPO_DETAILS 2: the same weights and T), reference
         # log-probs, values, group probabilities
         logp = sampler_logp.to(d.device)
-        ref_logp, _ = plumbing.response_logprobs(reference, ids, mask, P, args.temperature)
-        values, probs = group_probs(args, critic, ids, mask, P, labels)
+        ref_logp = in_chunks(lambda i, m: plumbing.response_logprobs(reference, i, m, P, args.temperature)[0], args.forward_batch, ids, mask)
+        values, probs = in_chunks(lambda i, m, lab: group_probs(args, critic, i, m, P, lab), args.forward_batch, ids, mask, labels)
         values = values[:, P - 1:-1]
         # g_high: the group with the highest soft mean of the scalar score, recomputed each batch
         g_high = groups.high_group(scores, probs, lambda x: plumbing.all_reduce_sum(x, d),
@@ -357,9 +387,10 @@ def rollout(args, d, policy, reference, critic, scorer, tokenizer, prompts, it, 
         seq_returns = (rewards * args.gamma ** torch.arange(rewards.shape[1], device=rewards.device)).sum(-1)
         if args.whiten_advantages:
             advantages = masked_whiten(advantages, r_mask, d)
-    return dict(ids=ids, mask=mask, r_mask=r_mask, logp=logp, values=values, returns=returns, advantages=advantages,
+        judged = in_chunks(judge, args.forward_batch, prompts, texts, ids, mask) if judge else None
+    return dict(ids=ids, mask=mask, r_mask=r_mask, logp=logp, values=values, returns=returns, advantages=advantages, judged=judged,
                 probs=probs, scores=scores, raw=raw, seq_returns=seq_returns, kl=kl, rewards=rewards, p_high=p_high, g_high=g_high,
-                has_eos=has_eos.float(), texts=texts, prompts=prompts, P=P,
+                has_eos=has_eos.float(), texts=texts, prompts=prompts, groups=groups_of or [None] * len(prompts), P=P,
                 perf={"perf/gen_s": t_gen, "perf/score_s": time.perf_counter() - t0 - t_gen})
 
 
@@ -397,13 +428,15 @@ def gradient_cosine(model, first_loss, second_loss, d):
 
 def ppo_update(args, d, policy, critic, opt_policy, opt_critic, batch, log_stats, it=0):
     """6. PPO epochs over this rank's rollout in minibatches (each rank holds 1/world of every
-    global minibatch). Losses are per-token means over the global minibatch; R_var spans it too."""
-    gi = not args.no_gi
+    global minibatch), each in --grad_accum micro-batches. Losses are per-token means over the
+    global minibatch; R_var spans it too."""
+    gi, phi_learns = not args.no_gi, not args.no_gi and args.groups == "inferred"
     n_local = batch["ids"].shape[0]
     n_mb = args.rollout_batch // args.minibatch
     gen = torch.Generator().manual_seed(args.seed * 100003 + it)
     reduce = lambda x: global_sum(x, d)  # noqa: E731  sums over ranks that gradients flow through
     n_min = args.min_group_frac * args.minibatch / args.n_groups  # groups.py: the least size of a group
+    names = ["policy/loss", "val/loss", "policy/approxkl", "policy/clipfrac", "policy/entropy", "val/clipfrac"]
     for epoch in range(args.ppo_epochs):
         # epoch 0 keeps the rollout order (already a random draw of prompts): global minibatch k is
         # then the same samples under any number of ranks. Later epochs: a fresh permutation of each
@@ -412,54 +445,71 @@ def ppo_update(args, d, policy, critic, opt_policy, opt_critic, batch, log_stats
         for k, idx in enumerate(order.chunk(n_mb)):
             mb = {key: batch[key][idx] for key in ("ids", "mask", "r_mask", "advantages", "logp", "probs", "values",
                                                    "returns", "seq_returns")}
-            ids, mask, r_mask, P = mb["ids"], mb["mask"], mb["r_mask"], batch["P"]
-            n_tok = plumbing.all_reduce_sum(r_mask.sum().clone(), d)  # response tokens, all ranks
+            P = batch["P"]
+            n_tok = plumbing.all_reduce_sum(mb["r_mask"].sum().clone(), d)  # response tokens, all ranks
             # G_i: trajectory i's scalar return Σ_t γ^t·r_t, centred on the minibatch mean. R_var does not
             # depend on where zero is, except through the floor n_min, which should shrink a small group's
             # R_g towards the batch mean, not towards 0.
             G = groups.centered(mb["seq_returns"], reduce)
+            # micro-batches: None is the whole minibatch at once; else row indices of each
+            micros = [None] if args.grad_accum == 1 else list(torch.arange(len(idx)).chunk(args.grad_accum))
+            rows = lambda key, m: mb[key] if m is None else mb[key][m]  # noqa: E731
+            sums, loss_sum, w = torch.zeros(6, device=d.device), 0.0, None
 
             # θ step: the clipped surrogate + β_policy·R_var(θ, φ), p(g|x, y) the rollout's (fixed)
-            new_logp, ent = plumbing.response_logprobs(policy, ids, mask, P, args.temperature, with_entropy=True)
-            pg_loss, r_var_theta, J, ratio, _ = policy_loss(
-                new_logp, mb["logp"], mb["advantages"], mb["returns"], r_mask, G, mb["probs"], n_tok=n_tok,
-                minibatch=args.minibatch, cliprange=args.cliprange, n_min=n_min, j_form=args.j_form, reduce=reduce)
-            # w_i = ∂R_var/∂J_i, for the log: how strongly the group term re-weights trajectory i (the
-            # differentiable group sums add every rank's share of the gradient, hence / world)
-            w = torch.autograd.grad(r_var_theta, J, retain_graph=True)[0] / d.world
-            # ∇_θ: E[Σ_t ∇ log π_θ(a_t|s_t) R_t] − β_policy · ∇_θ R_var(θ, φ), as a loss to descend.
-            # × d.world: FSDP2 averages gradients over ranks, and pg_loss is already a mean over the global
-            # minibatch (n_tok counts every rank's tokens). R_var needs no factor: its all-reduced group sums
-            # sum its gradient over ranks in the backward pass, which the average then undoes.
-            gi_loss = args.beta_policy * r_var_theta if gi else 0.0
-            if gi and k == 0 and epoch == 0 and args.grad_cos:
-                log_stats["groups/grad_cos"] = [gradient_cosine(policy, pg_loss * d.world, gi_loss, d)]
-                optimizer_step(pg_loss * d.world + gi_loss, policy, opt_policy, log_stats, "policy", backward=False)
-            else:
-                optimizer_step(pg_loss * d.world + gi_loss, policy, opt_policy, log_stats, "policy")
+            for m in micros:
+                new_logp, ent = plumbing.response_logprobs(policy, rows("ids", m), rows("mask", m), P, args.temperature, with_entropy=True)
+                old_logp, r_mask = rows("logp", m), rows("r_mask", m)
+                pg_loss, r_var_theta, J, ratio, _ = policy_loss(
+                    new_logp, old_logp, rows("advantages", m), rows("returns", m), r_mask, G, mb["probs"], n_tok=n_tok,
+                    minibatch=args.minibatch, cliprange=args.cliprange, n_min=n_min, j_form=args.j_form, reduce=reduce, micro=m)
+                if w is None:
+                    # w_i = ∂R_var/∂J_i, for the log: how strongly the group term re-weights trajectory i (the
+                    # differentiable group sums add every rank's share of the gradient, hence / world)
+                    w = torch.autograd.grad(r_var_theta, J, retain_graph=True)[0] / d.world
+                # ∇_θ: E[Σ_t ∇ log π_θ(a_t|s_t) R_t] − β_policy · ∇_θ R_var(θ, φ), as a loss to descend.
+                # × d.world: FSDP2 averages gradients over ranks, and pg_loss is already a mean over the global
+                # minibatch (n_tok counts every rank's tokens). R_var needs no factor: its all-reduced group sums
+                # sum its gradient over ranks in the backward pass, which the average then undoes.
+                gi_loss = args.beta_policy * r_var_theta if gi else 0.0
+                if gi and k == 0 and epoch == 0 and args.grad_cos and m is None:
+                    log_stats["groups/grad_cos"] = [gradient_cosine(policy, pg_loss * d.world, gi_loss, d)]
+                else:
+                    (pg_loss * d.world + gi_loss).backward()
+                loss_sum = loss_sum + (pg_loss * d.world + gi_loss).detach()
+                with torch.no_grad():
+                    sums[:5] += torch.stack([pg_loss * n_tok, torch.zeros(()),
+                                             (0.5 * (new_logp - old_logp) ** 2 * r_mask).sum(),             # policy/approxkl
+                                             (((ratio - 1).abs() > args.cliprange).float() * r_mask).sum(),  # policy/clipfrac
+                                             (ent * r_mask).sum()])                                          # policy/entropy
+            optimizer_step(loss_sum, policy, opt_policy, log_stats, "policy", backward=False)
 
             # critic step: the clipped value loss − β_critic·R_var (θ's terms detached): φ ascends R_var.
             # With known groups there is no φ: the labels stand in for it, and only the values learn.
-            values, p_phi = group_probs(args, critic, ids, mask, P, mb["probs"].argmax(-1))
-            vf_loss, r_var_phi = critic_loss(values[:, P - 1:-1], mb["values"], mb["returns"], r_mask,
-                                             G if args.j_form == "derived" else J, p_phi, n_tok=n_tok,
-                                             cliprange_value=args.cliprange_value, n_min=n_min, reduce=reduce)
-            phi_learns = gi and args.groups == "inferred"
-            optimizer_step(vf_loss * d.world - (args.beta_critic * r_var_phi if phi_learns else 0.0), critic, opt_critic, log_stats, "critic")
+            p_rest = mb["probs"]
+            if len(micros) > 1 and args.groups == "inferred":  # every row's p_φ as it is now, for the micro-batches' R_var
+                with torch.no_grad():
+                    p_rest = torch.cat([group_probs(args, critic, rows("ids", u), rows("mask", u), P, None)[1] for u in micros])
+            loss_sum = 0.0
+            for m in micros:
+                values, p_phi = group_probs(args, critic, rows("ids", m), rows("mask", m), P, rows("probs", m).argmax(-1))
+                v, old_v, r_mask = values[:, P - 1:-1], rows("values", m), rows("r_mask", m)
+                vf_loss, r_var_phi = critic_loss(v, old_v, rows("returns", m), r_mask, G if args.j_form == "derived" else J, p_phi,
+                                                 n_tok=n_tok, cliprange_value=args.cliprange_value, n_min=n_min, reduce=reduce,
+                                                 micro=m, p_rest=p_rest)
+                loss = vf_loss * d.world - (args.beta_critic * r_var_phi if phi_learns else 0.0)
+                loss.backward()
+                loss_sum = loss_sum + loss.detach()
+                with torch.no_grad():
+                    sums[1] += vf_loss * n_tok
+                    sums[5] += (((v - old_v).abs() > args.cliprange_value).float() * r_mask).sum()  # val/clipfrac
+            optimizer_step(loss_sum, critic, opt_critic, log_stats, "critic", backward=False)
 
             with torch.no_grad():
-                old_logp, v, old_v = mb["logp"], values[:, P - 1:-1], mb["values"]
-                sums = torch.stack([
-                    pg_loss * n_tok, vf_loss * n_tok,
-                    (0.5 * (new_logp - old_logp) ** 2 * r_mask).sum(),                    # policy/approxkl
-                    (((ratio - 1).abs() > args.cliprange).float() * r_mask).sum(),        # policy/clipfrac
-                    (ent * r_mask).sum(),                                                  # policy/entropy
-                    (((v - old_v).abs() > args.cliprange_value).float() * r_mask).sum()])  # val/clipfrac
                 sums = plumbing.all_reduce_sum(sums, d) / n_tok
                 # |w_i| relative to the PPO term's weight 1/B per trajectory: where β_policy·B·|w_i| > 1,
                 # the group term outweighs PPO and reverses a best-group trajectory's update
                 w_abs = plumbing.all_reduce_sum(torch.stack([w.abs().sum(), torch.ones_like(w).sum()]), d)
-            names = ["policy/loss", "val/loss", "policy/approxkl", "policy/clipfrac", "policy/entropy", "val/clipfrac"]
             for name, value in zip(names, sums.tolist()):
                 log_stats.setdefault(name, []).append(value)
             log_stats.setdefault("groups/r_var_theta", []).append(r_var_theta.item())
@@ -467,7 +517,7 @@ def ppo_update(args, d, policy, critic, opt_policy, opt_critic, batch, log_stats
             log_stats.setdefault("groups/weight_abs_mean", []).append((w_abs[0] / w_abs[1] * args.minibatch).item())
 
 
-def iteration_metrics(args, d, batch, stats, running):
+def iteration_metrics(args, d, batch, stats, running, all_groups=()):
     """PPO diagnostics (names as in TRL / the N+ details) plus groups/* for this method."""
     r_mask = batch["r_mask"]
     seq_kl = (batch["kl"] * r_mask).sum(-1)
@@ -497,13 +547,23 @@ def iteration_metrics(args, d, batch, stats, running):
         m[f"groups/return_{g}"] = (sums[2, g] / sums[0, g].clamp(min=1e-8)).item()
     m["groups/g_high"] = batch["g_high"]
     if args.data == "toy":  # the gold judge on the sampled responses, per true group
-        gold = torch.zeros(len(data.GROUPS), 2, device=r_mask.device)
-        for p, t in zip(batch["prompts"], batch["texts"]):
-            gold[data.GROUPS.index(data.true_group(p))] += torch.tensor([data.gold_score(p, t), 1.0], device=gold.device)
-        gold = plumbing.all_reduce_sum(gold, d)
-        m.update({f"gold/{g}": (gold[i, 0] / gold[i, 1]).item() for i, g in enumerate(data.GROUPS) if gold[i, 1] > 0})
-        m["gold/mean"] = (gold[:, 0].sum() / gold[:, 1].sum()).item()
+        gold = [data.gold_score(p, t) for p, t in zip(batch["prompts"], batch["texts"])]
+        m.update(group_means("gold", gold, [data.true_group(p) for p in batch["prompts"]], data.GROUPS, d))
+    if batch["judged"] is not None:  # --judge_reward: the watching reward model, per group of the data
+        m.update(group_means("judge", batch["judged"].tolist(), batch["groups"], all_groups, d))
     return m
+
+
+def group_means(prefix, values, names, all_names, d):
+    """{prefix/<group>: the mean of `values` over the samples of each group, prefix/mean: over all},
+    all ranks together; `all_names` (the same on every rank) orders the groups."""
+    sums = torch.zeros(len(all_names) + 1, 2, device=d.device)  # the last row: samples with no group
+    for value, name in zip(values, names):
+        sums[all_names.index(name) if name in all_names else -1] += torch.tensor([value, 1.0], device=d.device)
+    sums = plumbing.all_reduce_sum(sums, d)
+    out = {f"{prefix}/{g}": (sums[i, 0] / sums[i, 1]).item() for i, g in enumerate(all_names) if sums[i, 1] > 0}
+    out[f"{prefix}/mean"] = (sums[:, 0].sum() / sums[:, 1].sum()).item()
+    return out
 
 
 def write_rollouts(path, batch):
@@ -517,18 +577,23 @@ def write_rollouts(path, batch):
 def main(args):
     plumbing.check_model_dir(args.sft, "--sft", "lm")
     plumbing.check_model_dir(args.reward, "--reward", "score")
+    if args.judge_reward:
+        plumbing.check_model_dir(args.judge_reward, "--judge_reward", "score")
     d = plumbing.init_distributed()
     if args.rollout_batch % (d.world * (args.rollout_batch // args.minibatch)) or args.rollout_batch % args.minibatch:
         parser.error(f"--rollout_batch {args.rollout_batch} must be a multiple of --minibatch {args.minibatch}, "
                      f"and each minibatch must split evenly over {d.world} ranks")
     if args.reward == "gold" and args.data != "toy":
         parser.error("--reward gold is the built-in task's judge: it needs --data toy")
+    if args.grad_accum > 1 and args.j_form == "slide":
+        parser.error("--grad_accum > 1 needs --j_form derived (the slide form's J_i of the other micro-batches is not known yet)")
     if not args.no_gi and args.groups == "inferred" and args.n_groups < 2:
         parser.error(f"--n_groups {args.n_groups}: GI-PPO needs at least 2 groups (with one, R_var is always 0; --no_gi is PPO)")
     bf16 = bool(args.bf16) if args.bf16 is not None else d.device.type == "cuda"
     plumbing.seed_everything(args.seed)
     records = data.load_prompts(args.data, args.split, need_group=args.groups == "known")
     prompts, labels = [x["prompt"] for x in records], None
+    groups_of, all_groups = [x.get("group") for x in records], data.group_names([x for x in records if "group" in x])
     if args.groups == "known":  # label → index from the sorted names: the same on every rank
         names = data.group_names(records)
         if len(names) < 2 and not args.no_gi:
@@ -538,17 +603,19 @@ def main(args):
     plumbing.lock_output(args.out, d)
     ckpt = plumbing.resume_from(args, parser, MAY_CHANGE_ON_RESUME)
     tokenizer = plumbing.load_tokenizer(args.sft)
-    if args.reward != "gold":  # the reward model reads the policy's token ids: the same tokenizer, or stop here
-        plumbing.check_same_tokenizer({"--sft": tokenizer, "--reward": plumbing.load_tokenizer(args.reward)})
+    # the reward models read the policy's token ids: the same tokenizer, or stop here
+    plumbing.check_same_tokenizer({"--sft": tokenizer, **{f"--{k}": plumbing.load_tokenizer(getattr(args, k))
+                                                          for k in ("reward", "judge_reward") if getattr(args, k) not in (None, "gold")}})
     policy = plumbing.load_model(os.path.join(ckpt, "policy") if ckpt else args.sft, tokenizer)
-    reference = plumbing.load_model(args.sft, tokenizer)
+    reference = plumbing.load_model(args.sft, tokenizer, dtype=plumbing.frozen_dtype(d))
     critic_source = os.path.join(ckpt, "critic") if ckpt else (args.sft if args.reward == "gold" else args.reward)
     critic = groups.load_critic(critic_source, tokenizer, args.n_groups, seed=args.seed)
     # dropout off everywhere (PPO_DETAILS 1): every model stays in eval mode, gradients still flow
     for model in (policy, reference, critic):
-        plumbing.shard(model.eval(), d, bf16=bf16)
+        plumbing.shard(model.eval(), d, bf16=bf16, checkpointing=args.gradient_checkpointing and model is not reference)
     reference.requires_grad_(False)
     scorer = load_scorer(args.reward, tokenizer, d, bf16)
+    judge = load_scorer(args.judge_reward, tokenizer, d, bf16) if args.judge_reward else None
     opt_policy = plumbing.optimizer(policy, args.lr)  # AdamW, fused on CUDA
     opt_critic = plumbing.optimizer(critic, args.critic_lr)
     models, optimizers = {"policy": policy, "critic": critic}, {"policy": opt_policy, "critic": opt_critic}
@@ -557,7 +624,7 @@ def main(args):
         state = plumbing.load_optimizer_state(ckpt, models, optimizers, d)
         running.__dict__.update(state["running"])
     first = state["step"]
-    log = plumbing.MetricsLog(os.path.join(args.out, "metrics.jsonl"), d, resume_at=state.get("log_bytes"))
+    log = plumbing.MetricsLog(os.path.join(args.out, "metrics.jsonl"), d, resume_at=state.get("log_bytes"), report_to=args.report_to)
     if d.main:
         variant = "PPO" + (" w/o KL" if args.kl_coef == 0 else " w/ KL") if args.no_gi else \
             "GI-PPO" + (" (fixed KL)" if args.fixed_kl else "") + (" (β_policy = 0)" if args.beta_policy == 0 else "")
@@ -572,8 +639,13 @@ def main(args):
     for it in bar:
         idx = plumbing.batch_indices(it, args.rollout_batch, len(prompts), args.seed)
         mine = idx[d.rank::d.world]
+        # learning rate: linear warm-up over --warmup iterations, then constant or cosine decay (--decay)
+        lr_scale = sft.lr_at(it, args.steps, args.warmup, 1.0) if args.decay == "cosine" else min(1.0, (it + 1) / max(args.warmup, 1))
+        for opt, lr in ((opt_policy, args.lr), (opt_critic, args.critic_lr)):
+            for group in opt.param_groups:
+                group["lr"] = lr * lr_scale
         batch = rollout(args, d, policy, reference, critic, scorer, tokenizer, [prompts[i] for i in mine], it, running,
-                        labels=None if labels is None else labels[mine])
+                        labels=None if labels is None else labels[mine], judge=judge, groups_of=[groups_of[i] for i in mine])
         stats, t_train = {}, time.perf_counter()
         ppo_update(args, d, policy, critic, opt_policy, opt_critic, batch, stats, it)
         skipped += stats.get("skipped", 0)
@@ -585,21 +657,27 @@ def main(args):
         perf["perf/gen_tokens_per_s"] = n_gen / max(perf["perf/gen_s"], 1e-9)
         perf.update(plumbing.perf_metrics(n_seq, perf["perf/step_s"], d.device))
         if (it + 1) % args.log_every == 0 or it == 0:
-            m = iteration_metrics(args, d, batch, stats, running)
-            log.log(it + 1, {**m, **perf, "lr": args.lr})
+            m = iteration_metrics(args, d, batch, stats, running, all_groups)
+            log.log(it + 1, {**m, **perf, "lr": opt_policy.param_groups[0]["lr"]})
+        if args.sample_every and (it + 1) % args.sample_every == 0:  # a few of rank 0's samples, as a table
+            seq_kl = (batch["kl"] * batch["r_mask"]).sum(-1).tolist()
+            log.log_samples(it + 1, [{"prompt": p[-300:], "response": t, "score": round(s, 4), "group": g, "kl": round(k, 4)}
+                                     for p, t, s, g, k in zip(batch["prompts"], batch["texts"], batch["raw"].tolist(),
+                                                              batch["groups"], seq_kl)][:8])
             bar.set_postfix(score=f"{m['objective/scores']:.3f}", kl=f"{m['objective/kl']:.3f}")
         if it + 1 == args.steps and d.main:  # before the final checkpoint: a run resumed from it keeps them
             write_rollouts(os.path.join(args.out, "rollouts.jsonl"), batch)
         if args.save_every and ((it + 1) % args.save_every == 0 or it + 1 in (args.steps, args.stop_at)):
-            plumbing.save_checkpoint(os.path.join(args.out, "checkpoint"), models, optimizers, tokenizer,
-                                     {"step": it + 1, "running": dict(running.__dict__), "args": vars(args), "log_bytes": log.tell()}, d)
+            plumbing.save_checkpoint(args.out, it + 1, models, optimizers, tokenizer,
+                                     {"step": it + 1, "running": dict(running.__dict__), "args": vars(args), "log_bytes": log.tell()}, d,
+                                     keep=args.keep_checkpoints)
         if it + 1 == args.stop_at:
             if d.main:
                 print(f"ppo_gi: stopped at iteration {it + 1} (--stop_at); continue with --resume")
             plumbing.close_distributed(d)
             return
     if args.data == "toy" and args.eval_prompts:
-        test = [x["prompt"] for x in data.load_prompts("toy", f"test[:{args.eval_prompts}]")]
+        test = [x["prompt"] for x in data.load_prompts("toy", f"{args.eval_split}[:{args.eval_prompts}]")]
         gold = sft.gold_by_group(policy, tokenizer, test, d)
         summary = {**{f"eval/gold/{g}": v for g, v in gold.items()}, "eval/gold_mean": sum(gold.values()) / len(gold)}
         log.log(args.steps, summary)

@@ -76,8 +76,8 @@ def bradley_terry_loss(r_chosen, r_rejected):
     return -F.logsigmoid(r_chosen - r_rejected)
 
 
-def load_reward_model(path, tokenizer, seed=0):
-    return RewardModel(plumbing.load_model(path, tokenizer, seed=seed, head="score"))
+def load_reward_model(path, tokenizer, seed=0, dtype=torch.float32):
+    return RewardModel(plumbing.load_model(path, tokenizer, seed=seed, head="score", dtype=dtype))
 
 
 def tokenize_pairs(tokenizer, pairs, max_len, report=None):
@@ -178,13 +178,14 @@ def main(args):
     train, heldout = data.train_and_heldout(data.load_pairs, args.data, args.split, args.eval_split, seed=args.seed)
     source = os.path.join(ckpt, "model") if ckpt else args.sft
     tokenizer = plumbing.load_tokenizer(source)
-    model = plumbing.shard(load_reward_model(source, tokenizer, seed=args.seed), d, bf16=args.bf16, compile_blocks=args.compile)
+    model = plumbing.shard(load_reward_model(source, tokenizer, seed=args.seed), d, bf16=args.bf16, compile_blocks=args.compile,
+                           checkpointing=args.gradient_checkpointing)
     optimizer = sft.adamw(model, args)
     state = sft.resumed_state(ckpt, model, optimizer, d)
     first = state["step"]
     train_ex, train = tokenize_pairs(tokenizer, train, args.max_len, report="reward")
     heldout_ex, heldout = tokenize_pairs(tokenizer, heldout[:2000], args.max_len)
-    log = plumbing.MetricsLog(os.path.join(args.out, "metrics.jsonl"), d, resume_at=state.get("log_bytes"))
+    log = plumbing.MetricsLog(os.path.join(args.out, "metrics.jsonl"), d, resume_at=state.get("log_bytes"), report_to=args.report_to)
     if d.main:
         print(f"reward: {args.sft} on {args.data}: {len(train_ex)} train / {len(heldout_ex)} held-out pairs, "
               f"{d.world} process(es), steps {first}..{args.steps}")

@@ -29,7 +29,8 @@ import plumbing
 
 
 # flags that --resume may change: how long, how often to log, evaluate or save; none changes the model, the data or a shape
-MAY_CHANGE_ON_RESUME = {"steps", "stop_at", "resume", "save_every", "log_every", "eval_every", "gold_prompts", "max_skipped"}
+MAY_CHANGE_ON_RESUME = {"steps", "stop_at", "resume", "save_every", "log_every", "eval_every", "gold_prompts", "max_skipped",
+                        "keep_checkpoints", "report_to"}
 
 
 def add_training_flags(parser, **defaults):
@@ -53,10 +54,13 @@ def add_training_flags(parser, **defaults):
         ("compile", plumbing.at_least(0), 0, "torch.compile each decoder block (1) or not (0)"),
         ("log_every", count, 10, "metrics every K steps"),
         ("max_skipped", plumbing.fraction, 0.1, "fail (no model saved, exit 1) when more than this share of the updates were skipped as non-finite"),
+        ("gradient_checkpointing", plumbing.at_least(0), 0, "1: recompute each decoder block's activations in the backward pass (less memory, ~30%% more time)"),
+        ("keep_checkpoints", count, 1, "keep the newest K checkpoints in OUT/checkpoints (each a save_pretrained folder per model)"),
     ]
     for name, kind, default, help_ in flags:
         parser.add_argument(f"--{name}", type=kind, default=defaults.pop(name, default), help=help_)
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint; only these flags may differ from the "
+    parser.add_argument("--report_to", choices=["none", "tensorboard"], default="none", help="also log to TensorBoard (OUT/tensorboard; needs the tensorboard package)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest of OUT/checkpoints; only these flags may differ from the "
                         "run being resumed: " + ", ".join(f"--{k}" for k in sorted(MAY_CHANGE_ON_RESUME)))
     if defaults:
         raise TypeError(f"add_training_flags: unknown defaults {sorted(defaults)}")
@@ -224,8 +228,8 @@ def supervised_loop(args, d, model, optimizer, tokenizer, examples, micro_loss, 
         if out:
             log.log(step + 1, out)
         if args.save_every and ((step + 1) % args.save_every == 0 or step + 1 in (args.steps, args.stop_at)):
-            plumbing.save_checkpoint(os.path.join(args.out, "checkpoint"), {"model": model}, {"model": optimizer}, tokenizer,
-                                     {"step": step + 1, "args": vars(args), "log_bytes": log.tell(), **state()}, d)
+            plumbing.save_checkpoint(args.out, step + 1, {"model": model}, {"model": optimizer}, tokenizer,
+                                     {"step": step + 1, "args": vars(args), "log_bytes": log.tell(), **state()}, d, keep=args.keep_checkpoints)
         if step + 1 == args.stop_at:
             if d.main:
                 print(f"{name}: stopped at step {step + 1} (--stop_at); continue with --resume")
@@ -240,13 +244,14 @@ def main(args):
 
     source = os.path.join(ckpt, "model") if ckpt else args.model
     tokenizer = plumbing.load_tokenizer(source, texts=[x["prompt"] + x["response"] for x in train])
-    model = plumbing.shard(plumbing.load_model(source, tokenizer, seed=args.seed), d, bf16=args.bf16, compile_blocks=args.compile)
+    model = plumbing.shard(plumbing.load_model(source, tokenizer, seed=args.seed), d, bf16=args.bf16, compile_blocks=args.compile,
+                           checkpointing=args.gradient_checkpointing)
     optimizer = adamw(model, args)
     state = resumed_state(ckpt, model, optimizer, d)
     first = state["step"]
     train_ex = tokenize_demos(tokenizer, train, args.max_len, report="sft")
     heldout_ex = tokenize_demos(tokenizer, heldout[:1000], args.max_len)
-    log = plumbing.MetricsLog(os.path.join(args.out, "metrics.jsonl"), d, resume_at=state.get("log_bytes"))
+    log = plumbing.MetricsLog(os.path.join(args.out, "metrics.jsonl"), d, resume_at=state.get("log_bytes"), report_to=args.report_to)
     if d.main:
         n_params = sum(p.numel() for p in model.parameters()) * d.world
         print(f"sft: {args.model} (~{n_params / 1e6:.1f}M params) on {args.data}: {len(train_ex)} train / "

@@ -173,7 +173,7 @@ def stage_command(stage, size, work, assets, cfg, load):
     minibatch, iterations = load["ppo"]
     return ["ppo_gi.py", "--sft", os.path.join(work, size, "sft"), "--reward", os.path.join(work, size, "rm"),
             "--data", hh, "--split", "all", "--out", out, "--steps", str(iterations), "--rollout_batch", str(cfg["rollout"]),
-            "--minibatch", str(minibatch), "--max_new_tokens", str(cfg["new_tokens"]), "--max_prompt_len", str(cfg["max_len"] - cfg["new_tokens"]),
+            "--minibatch", str(minibatch), "--max_new_tokens", str(cfg["new_tokens"]), "--max_len", str(cfg["max_len"]),
             "--save_every", "0", "--eval_prompts", "0", "--log_every", "1", "--grad_cos", "0",
             "--generate_cache", "compiled" if stage == "gi_ppo_compiled" else "dynamic"], out
 

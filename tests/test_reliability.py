@@ -83,7 +83,7 @@ def test_a_checkpoint_cannot_run_code_on_resume(tmp_path):
     class Payload:
         def __reduce__(self):
             return os.system, (f"touch {marker}",)
-    state = os.path.join(out, "checkpoint", "trainer_state.pt")
+    state = os.path.join(plumbing.find_checkpoint(out), "trainer_state.pt")
     with open(state, "wb") as f:
         pickle.dump({"optimizers": Payload(), "torch_rng": torch.get_rng_state()}, f)
     with pytest.raises(pickle.UnpicklingError):
