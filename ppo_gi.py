@@ -55,6 +55,7 @@ parser.add_argument("--sft", default="runs/sft", help="SFT directory: initial po
 parser.add_argument("--reward", default="runs/reward", help="reward model directory (also the critic's init), or 'gold' for the built-in gold judge")
 parser.add_argument("--data", default="toy", help="data.py spec of prompts")
 parser.add_argument("--split", default="rl", help="prompt split (real data: data.py carves train / rl / judge / test)")
+parser.add_argument("--group_by", choices=["harm"], default=None, help="HH-RLHF: fold the four subsets into the groups harmless / helpful (as the paper reports them)")
 parser.add_argument("--eval_split", default="test", help="prompts of the greedy evaluation at the end (built-in task: gold per true group)")
 parser.add_argument("--out", default="runs/gi_ppo", help="output directory")
 parser.add_argument("--steps", type=count, default=60, help="PPO iterations (rollout + update)")
@@ -591,7 +592,7 @@ def main(args):
         parser.error(f"--n_groups {args.n_groups}: GI-PPO needs at least 2 groups (with one, R_var is always 0; --no_gi is PPO)")
     bf16 = bool(args.bf16) if args.bf16 is not None else d.device.type == "cuda"
     plumbing.seed_everything(args.seed)
-    records = data.load_prompts(args.data, args.split, need_group=args.groups == "known")
+    records = data.load_prompts(args.data, args.split, group_by=args.group_by, need_group=args.groups == "known")
     prompts, labels = [x["prompt"] for x in records], None
     groups_of, all_groups = [x.get("group") for x in records], data.group_names([x for x in records if "group" in x])
     if args.groups == "known":  # label → index from the sorted names: the same on every rank
