@@ -1,0 +1,28 @@
+"""The plumbing every stage shares, kept out of the stage files so they read as algorithms. Nothing
+here is RLHF-specific: the HH prompt format is data.py's (`data.chat_prompt`), pair tokenization
+is reward.py's, and the training loop of SFT, reward modelling and DPO is sft.py's. Stages call
+`plumbing.X`; each X lives in the module named here:
+
+    processes   one process or torchrun (FSDP2), seeds, the global batch of a step, autocast,
+                gradient checkpointing
+    models      model and tokenizer loading (the from-scratch `tiny` model, hub ids, .gguf files),
+                the checks on model directories, the optimizer
+    generation  prompt + response tokens, padded batches, log-probs, the sampling loop
+    runs        flag types, the output lock, model folders, checkpoints, metrics.jsonl
+
+Under `python X.py` everything runs in one process with no process group and no sharding; under
+`torchrun --nproc_per_node N X.py` each decoder block is wrapped with FSDP2 `fully_shard`, then the
+root (gloo on CPU, NCCL and bf16 compute on CUDA).
+"""
+from plumbing.processes import (Dist, all_reduce_sum, autocast_forward, batch_indices, checkpoint_blocks,  # noqa: F401
+                                close_distributed, decoder_blocks, equal_chunks, frozen_dtype, init_distributed,
+                                rank_chunks, rng_state, seed_everything, set_rng_state, shard, unsharded)
+from plumbing.models import (TINY, build_tiny_model, check_model_dir, check_same_tokenizer, fused_gelu,  # noqa: F401
+                             gguf_location, load_model, load_tokenizer, model_kind, optimizer, train_tiny_tokenizer)
+from plumbing.generation import (CACHE_KINDS, GENERATE_CACHE, GENERATE_IMPL, GENERATE_IMPLS, _STATIC_CACHE,  # noqa: F401
+                                 compiled_forward_step, decode, encode, exponential, forward_step, generate, hf_generate,
+                                 logprob_of, pad_batch, pick_token, position_ids, report_truncation, response_logprobs,
+                                 sample, static_cache)
+from plumbing.runs import (MetricsLog, _full_model_state, at_least, checkpoint_state, checkpoints,  # noqa: F401
+                           fail_if_mostly_skipped, find_checkpoint, fraction, load_optimizer_state, lock_output,
+                           perf_metrics, peak_rss_mb, progress, resume_from, save_checkpoint, save_model)

@@ -1,0 +1,275 @@
+"""What a run leaves in its output directory and how it starts: flag types, the output lock,
+save_pretrained model folders, resumable checkpoints (code never runs from them), metrics.jsonl
+(and TensorBoard), and the rule that a run which trained nothing fails."""
+import argparse
+import atexit
+import json
+import os
+import re
+import shutil
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from plumbing.processes import rng_state, set_rng_state
+
+
+def at_least(low, kind=int, above=False):
+    """An argparse type: a number ≥ low (> low with above=True); argparse names the flag when not."""
+    def number(text):
+        value = kind(text)
+        if not (value > low if above else value >= low) or value != value:  # value != value: NaN
+            raise argparse.ArgumentTypeError(f"must be {'>' if above else '≥'} {low}, got {text}")
+        return value
+    number.__name__ = kind.__name__
+    return number
+
+
+def fraction(text):
+    """An argparse type: a number in [0, 1]."""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def fail_if_mostly_skipped(name, skipped, planned, max_skipped):
+    """A run that trains nothing must not look finished: as soon as more than `max_skipped` of the
+    `planned` updates were skipped as non-finite, it stops (exit status 1) before saving a model."""
+    if skipped > max_skipped * planned:
+        raise SystemExit(f"{name}: {skipped} updates skipped as non-finite, more than --max_skipped {max_skipped} of the "
+                         f"{planned} planned; nothing saved. Lower the learning rate, or look for NaN in the data or the model")
+
+
+def lock_output(out, d):
+    """Claim the output directory for this run (rank 0 writes OUT/.lock with its process id): a second
+    run on the same --out is refused while the first lives, instead of interleaving their logs and
+    deleting each other's temporary checkpoints. A lock whose process is gone is taken over."""
+    if not d.main:
+        return
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, ".lock")
+    try:
+        with open(path) as f:
+            pid = int(f.read().strip() or 0)
+        if pid and pid != os.getpid():
+            os.kill(pid, 0)  # raises if no such process
+            raise SystemExit(f"{out} is in use by another run (process {pid}, {path}); wait for it or choose another --out")
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        pass
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))
+    atexit.register(lambda: os.path.exists(path) and open(path).read() == str(os.getpid()) and os.remove(path))
+
+
+def _full_model_state(model, d):
+    """The whole model's state on CPU (gathered on every rank when sharded), tied copies dropped."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    if d.sharded:
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    unique = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    return {k: v for k, v in state.items() if k in unique}
+
+
+def _transformers_part(model, state):
+    """A module that wraps a transformers model as `.hf` saves that model, prefix stripped;
+    whatever else the wrapper holds is returned separately (saved by its stage)."""
+    if not hasattr(model, "hf"):
+        return model, state, {}
+    inner = {k[3:]: v for k, v in state.items() if k.startswith("hf.")}
+    return model.hf, inner, {k: v for k, v in state.items() if not k.startswith("hf.")}
+
+
+def _replace_dir(tmp, final):
+    """Swap a finished `tmp` directory into place: nothing half-written is ever at `final`."""
+    old = final + ".old"
+    if os.path.exists(final):
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_model(model, tokenizer, out_dir, d, extra=None):
+    """save_pretrained (model + tokenizer + `extra` JSON files) into `out_dir`, written to a
+    temporary folder first and moved in file by file with config.json last, so a directory with
+    a config.json always holds a complete model. Collective: every rank must call it."""
+    hf, state, rest = _transformers_part(model, _full_model_state(model, d))
+    if d.main:
+        tmp = out_dir.rstrip("/") + ".saving"
+        shutil.rmtree(tmp, ignore_errors=True)
+        hf.save_pretrained(tmp, state_dict=state)
+        if rest:
+            torch.save(rest, os.path.join(tmp, "extra_heads.pt"))
+        tokenizer.save_pretrained(tmp)
+        for name, obj in (extra or {}).items():
+            with open(os.path.join(tmp, name), "w") as f:
+                json.dump(obj, f, indent=1)
+        os.makedirs(out_dir, exist_ok=True)
+        if os.path.exists(os.path.join(out_dir, "config.json")):
+            os.remove(os.path.join(out_dir, "config.json"))
+        names = sorted(os.listdir(tmp), key=lambda n: n == "config.json")
+        for name in names:
+            os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+        shutil.rmtree(tmp)
+    if d.sharded:
+        dist.barrier()
+
+
+def save_checkpoint(out, step, models, optimizers, tokenizer, state, d, keep=1):
+    """A resumable checkpoint in OUT/checkpoints/step-NNNNNN: each model in `models` ({name: module})
+    as a save_pretrained folder (from_pretrained loads it with no code from here), the optimizers'
+    full state, the RNG state and `state` (step, flags, …). Written under a temporary name and
+    renamed into place; then all but the newest `keep` checkpoints are deleted."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    final = os.path.join(out, "checkpoints", f"step-{step:06d}")
+    tmp = final + ".tmp"
+    opt_states = {}
+    for name, model in models.items():
+        hf, full, rest = _transformers_part(model, _full_model_state(model, d))
+        # keyed by parameter name (not id), so a checkpoint resumes under any number of ranks
+        opt_states[name] = get_optimizer_state_dict(model, optimizers[name],
+                                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if d.main:
+            if name == next(iter(models)):
+                shutil.rmtree(tmp, ignore_errors=True)
+            hf.save_pretrained(os.path.join(tmp, name), state_dict=full)
+            tokenizer.save_pretrained(os.path.join(tmp, name))
+            if rest:
+                torch.save(rest, os.path.join(tmp, name, "extra_heads.pt"))
+    if d.main:
+        # tensors (optimizer state, torch's RNG) in a file torch.load reads with weights_only=True, so that
+        # resuming never runs code from a checkpoint; everything else as JSON
+        torch.save({"optimizers": opt_states, "torch_rng": torch.get_rng_state()}, os.path.join(tmp, "trainer_state.pt"))
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump({"state": state, "rng": rng_state()}, f)
+        _replace_dir(tmp, final)
+        for old in checkpoints(out)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    if d.sharded:
+        dist.barrier()
+
+
+def checkpoints(out):
+    """The complete checkpoints in OUT/checkpoints, oldest first."""
+    folder = os.path.join(out, "checkpoints")
+    names = sorted(n for n in os.listdir(folder) if re.fullmatch(r"step-\d+", n)) if os.path.isdir(folder) else []
+    return [os.path.join(folder, n) for n in names
+            if all(os.path.exists(os.path.join(folder, n, f"trainer_state.{ext}")) for ext in ("pt", "json"))]
+
+
+def find_checkpoint(out):
+    """The newest complete checkpoint of the run in `out`, or None."""
+    found = checkpoints(out)
+    return found[-1] if found else None
+
+
+def checkpoint_state(ckpt):
+    """The `state` a checkpoint was saved with (step, the run's flags, the log's length, …)."""
+    with open(os.path.join(ckpt, "trainer_state.json")) as f:
+        return json.load(f)["state"]
+
+
+def load_optimizer_state(ckpt, models, optimizers, d):
+    """Restore the optimizers and RNG saved by save_checkpoint; returns the saved `state`."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    tensors = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)
+    with open(os.path.join(ckpt, "trainer_state.json")) as f:
+        saved = json.load(f)
+    for name, model in models.items():
+        set_optimizer_state_dict(model, optimizers[name], optim_state_dict=tensors["optimizers"][name],
+                                 options=StateDictOptions(full_state_dict=True))
+    set_rng_state(saved["rng"], tensors["torch_rng"])
+    return saved["state"]
+
+
+def resume_from(args, parser, may_change):
+    """--resume: the newest checkpoint in OUT/checkpoint (no checkpoint is an error), whose saved
+    flags must equal this run's but for `may_change` (steps, logging, …): a flag that changes the
+    model, the data or a shape is an error that names it. None without --resume."""
+    if not args.resume:
+        return None
+    ckpt = find_checkpoint(args.out)
+    if ckpt is None:
+        parser.error(f"--resume: no checkpoint in {os.path.join(args.out, 'checkpoints')} (nothing to resume; drop --resume to start anew)")
+    saved, now = checkpoint_state(ckpt).get("args", {}), json.loads(json.dumps(vars(args)))
+    differ = sorted(k for k in set(saved) | set(now) if k not in may_change and saved.get(k) != now.get(k))
+    if differ:
+        parser.error("--resume: these flags differ from the run being resumed: "
+                     + ", ".join(f"--{k} {now.get(k)!r} (was {saved.get(k)!r})" for k in differ))
+    return ckpt
+
+
+class MetricsLog:
+    """JSON lines, one per logged step, written by rank 0 only, and the same scalars to TensorBoard
+    with report_to="tensorboard" (an optional package). On resume the file is first cut back to its
+    length when the checkpoint was saved (`resume_at`, from tell()): rows logged after the
+    checkpoint, by the run that died, are logged again by the resumed run, not twice."""
+
+    def __init__(self, path, d, resume_at=None, report_to="none"):
+        self.file, self.board = None, None
+        if d.main:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            if resume_at is not None and os.path.exists(path):
+                os.truncate(path, resume_at)
+            self.file = open(path, "a" if resume_at is not None else "w")
+            if report_to == "tensorboard":
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError:
+                    raise SystemExit("--report_to tensorboard needs the tensorboard package: pip install tensorboard") from None
+                self.board = SummaryWriter(os.path.join(os.path.dirname(path) or ".", "tensorboard"))
+        self.start = time.time()
+
+    def tell(self):
+        """The log's length in bytes so far (rank 0; None elsewhere), kept in each checkpoint."""
+        return self.file.tell() if self.file else None
+
+    def log(self, step, metrics):
+        if self.file:
+            clean = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
+            self.file.write(json.dumps({"step": step, "time_s": round(time.time() - self.start, 2), **clean}) + "\n")
+            self.file.flush()
+        if self.board:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)):
+                    self.board.add_scalar(k, v, step)
+
+    def log_samples(self, step, rows):
+        """A table of sampled completions ({column: value} rows): a `samples` row in the log, and a
+        text table in TensorBoard."""
+        self.log(step, {"samples": rows})
+        if self.board and rows:
+            cols = list(rows[0])
+            table = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n" + "".join(
+                "| " + " | ".join(str(r[c]).replace("|", "\\|").replace("\n", " ") for c in cols) + " |\n" for r in rows)
+            self.board.add_text("samples", table, step)
+
+    def close(self):
+        if self.file:
+            self.file.close()
+        if self.board:
+            self.board.close()
+
+
+def perf_metrics(n_tokens, seconds, device):
+    """perf/tokens_per_s (real, non-pad tokens over the seconds they took) and, on CUDA,
+    perf/gpu_mem_gb (the peak GPU memory allocated so far, in GB)."""
+    out = {"perf/tokens_per_s": n_tokens / max(seconds, 1e-9)}
+    if torch.device(device).type == "cuda":
+        out["perf/gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    return out
+
+
+def peak_rss_mb():
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def progress(iterable, d, **kw):
+    """tqdm on rank 0, a plain iterator elsewhere."""
+    from tqdm import tqdm
+    return tqdm(iterable, disable=not d.main, dynamic_ncols=True, file=sys.stderr, **kw)
