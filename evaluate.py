@@ -574,19 +574,13 @@ def plot_study(out, names, worst, splits):
     save(fig, out, "study.png")
 
 
-def write_atomic(path, text):
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
 def main(args):
     if args.match_kl:
         print(match_kl(args.match_kl[0], args.match_kl[1:]))
         return
     if args.study:
         table = study_table(args.study, args.out)
-        write_atomic(os.path.join(args.out, "study.md"), table)
+        plumbing.write_atomic(os.path.join(args.out, "study.md"), table)
         print(table + f"\nevaluate: wrote {args.out}/study.md and study.png")
         return
     if args.aggregate or args.runs:
@@ -634,7 +628,7 @@ def main(args):
         texts_by_split, perf[name] = respond(args, path, prompts, device)
         for s, texts in texts_by_split.items():
             responses[name, s] = texts
-    write_atomic(os.path.join(args.out, "responses.jsonl"), "".join(
+    plumbing.write_atomic(os.path.join(args.out, "responses.jsonl"), "".join(
         json.dumps({"model": name, "split": s, "prompt": p, "response": t}) + "\n"
         for (name, s), texts in responses.items() for p, t in zip(prompts[s], texts)))
 
@@ -691,8 +685,8 @@ def main(args):
         items.setdefault(judge, {}).setdefault(name, {})[s] = v
     results = {"winrates": winrates, "winrates_by_group": winrates_by_group, "groups": group_rows, "group_summary": summaries, "rewards": rewards,
                "items": items, "perf": perf, "settings": vars(args)}
-    write_atomic(os.path.join(args.out, "table.md"), table)
-    write_atomic(os.path.join(args.out, "results.json"), json.dumps(results, indent=1, default=float))
+    plumbing.write_atomic(os.path.join(args.out, "table.md"), table)
+    plumbing.write_atomic(os.path.join(args.out, "results.json"), json.dumps(results, indent=1, default=float))
     plot(args.out, model_dirs, group_rows, {(n, s): v for (j, n, s), v in scores.items() if j == "rm"})
     print(table)
     print(f"evaluate: wrote {args.out}/results.json and table.md")

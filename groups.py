@@ -93,6 +93,16 @@ class Critic(reward.RewardModel):
         return values, self.group_head(hidden[torch.arange(ids.shape[0], device=ids.device), at]).float()
 
 
+def group_probs(args, critic, ids, mask, P, labels):
+    """The critic's values [b, T] and p(g|x, y) [b, M]: the one-hot of the known labels (ppo_gi.py
+    --groups known), or p_φ from the critic's group head, read at the last response token (the
+    paper's p_φ(g|x, y)) or at the last prompt token P − 1 (--group_input prompt: p_φ(g|x))."""
+    values, group_logits = critic(ids, mask, group_at=P - 1 if args.group_input == "prompt" else None)
+    if args.groups == "known":
+        return values, torch.nn.functional.one_hot(labels, args.n_groups).float()
+    return values, group_logits.softmax(-1)
+
+
 def load_critic(path, tokenizer, n_groups, seed=0):
     """Critic from a reward model directory (new group head) or a saved critic (its head reloaded)."""
     critic = Critic(plumbing.load_model(path, tokenizer, seed=seed, head="score"), n_groups)

@@ -27,11 +27,13 @@ Flags give the paper's baselines and ablations with the same code:
     torchrun --nnodes 2 --node_rank $RANK --master_addr $HOST --master_port 29500 \\
         --nproc_per_node 8 ppo_gi.py ...                                                  # 2 nodes
 
+The study's variants (RESULTS.md, "What carries the effect"): --groups known (the data's groups as
+one-hot p(g|x)), --group_input prompt (p_φ(g|x)), --kl_weight rank (the KL weight from the score's rank).
+
 Writes `--out` (default runs/gi_ppo): the policy (save_pretrained), critic/ (with the group head in
-extra_heads.pt), rollouts.jsonl (the last iteration's samples, rank 0), metrics.jsonl, checkpoint/.
+extra_heads.pt), rollouts.jsonl (the last iteration's samples), metrics.jsonl, checkpoints/step-N/.
 """
 import argparse
-import json
 import math
 import os
 import time
@@ -232,22 +234,6 @@ def critic_loss(v, old_v, returns, r_mask, j_phi, p_phi, *, n_tok, cliprange_val
     return vf_loss, r_var_phi
 
 
-def global_min(x, d):
-    """The smallest element over all ranks, as a float."""
-    x = x.min().detach().clone()
-    if d.sharded:
-        dist.all_reduce(x, op=dist.ReduceOp.MIN)
-    return x.item()
-
-
-def global_sum(x, d):
-    """Sum over ranks that gradients flow through (the group sums of R_g span the whole minibatch)."""
-    if not d.sharded:
-        return x
-    import torch.distributed.nn.functional as dist_fn
-    return dist_fn.all_reduce(x, op=dist.ReduceOp.SUM)
-
-
 # ----------------------------------------------------------------------------------------------
 # Boilerplate: the scorer, running reward scale, rollout and update loops
 # ----------------------------------------------------------------------------------------------
@@ -278,26 +264,6 @@ class RunningStd:
         return std if std > 1e-6 else 1.0  # every score so far the same: nothing to scale by
 
 
-def load_scorer(spec, tokenizer, d, bf16):
-    """r_ψ as one callable, scorer(prompts, texts, ids, mask) -> raw scores [b], with scorer.center,
-    the value subtracted before scaling. 'gold': the built-in task's gold judge (scores in [0, 1],
-    centre 0.5). Else a reward model directory: the scalar at each sequence's last real token,
-    centred by the RM's mean score on its training pairs (its reward_stats.json)."""
-    if spec == "gold":
-        def scorer(prompts, texts, ids, mask):
-            return torch.tensor([data.gold_score(p, t) for p, t in zip(prompts, texts)], device=ids.device)
-        scorer.center = 0.5
-        return scorer
-    rm = plumbing.shard(reward.load_reward_model(spec, tokenizer, dtype=plumbing.frozen_dtype(d)).eval(), d, bf16=bf16).requires_grad_(False)
-    with open(os.path.join(spec, "reward_stats.json")) as f:
-        center = json.load(f)["mean"]
-
-    def scorer(prompts, texts, ids, mask):
-        return reward.sequence_rewards(rm, ids, mask)
-    scorer.center = center
-    return scorer
-
-
 def shape_scores(args, d, centered, has_eos, running, it):
     """Step 2's arithmetic on the centred scores [b]: divide by the running std (PPO_DETAILS 8),
     clip, put a response with no EOS below every finished one (PPO_DETAILS 5), and for the
@@ -306,34 +272,14 @@ def shape_scores(args, d, centered, has_eos, running, it):
     scores = centered / running.std
     if args.reward_clip:
         scores = scores.clamp(-args.reward_clip, args.reward_clip)
-    lowest_finished = global_min(torch.where(has_eos, scores, torch.full_like(scores, math.inf)), d)
+    lowest_finished = plumbing.global_min(torch.where(has_eos, scores, torch.full_like(scores, math.inf)), d)
     if not math.isfinite(lowest_finished):  # no response in the batch finished
-        lowest_finished = global_min(scores, d)
+        lowest_finished = plumbing.global_min(scores, d)
     scores = torch.where(has_eos, scores, torch.full_like(scores, lowest_finished - args.no_eos_margin))
     if args.shuffle_rewards:
         shuffle = torch.Generator().manual_seed(args.seed * 100003 + it * d.world + d.rank + 7919)
         scores = scores[torch.randperm(len(scores), generator=shuffle).to(scores.device)]
     return scores
-
-
-def group_probs(args, critic, ids, mask, P, labels):
-    """p(g|x, y) [b, M] and the critic's values [b, T]: the one-hot of the known labels
-    (`--groups known`), or p_φ from the critic's group head, read at the last response token
-    (p_φ(g|x, y)) or at the last prompt token (`--group_input prompt`: p_φ(g|x))."""
-    values, group_logits = critic(ids, mask, group_at=P - 1 if args.group_input == "prompt" else None)
-    if args.groups == "known":
-        return values, torch.nn.functional.one_hot(labels, args.n_groups).float()
-    return values, group_logits.softmax(-1)
-
-
-def in_chunks(fn, size, *rows):
-    """fn(*rows) in chunks of `size` rows (0: all at once; every rank runs as many, as FSDP needs),
-    its tensor outputs concatenated. Rows may be tensors, lists or None."""
-    n = len(rows[0])
-    if not size or size >= n:
-        return fn(*rows)
-    outs = [fn(*(r if r is None else r[i:i + size] for r in rows)) for i in range(0, n, size)]
-    return tuple(map(torch.cat, zip(*outs))) if isinstance(outs[0], tuple) else torch.cat(outs)
 
 
 def rollout(args, d, policy, reference, critic, scorer, tokenizer, prompts, it, running, labels=None, judge=None, groups_of=None):
@@ -361,7 +307,7 @@ def rollout(args, d, policy, reference, critic, scorer, tokenizer, prompts, it, 
         labels = labels.to(d.device)
     with torch.no_grad():
         # 2. score; scale by the running std; no EOS → below every finished response (PPO_DETAILS 5)
-        raw = in_chunks(scorer, args.forward_batch, prompts, texts, ids, mask)
+        raw = plumbing.in_chunks(scorer, args.forward_batch, prompts, texts, ids, mask)
         bad = int(plumbing.all_reduce_sum((~torch.isfinite(raw)).sum().float(), d).item())
         if bad:  # every rank has the count, so every rank stops
             raise SystemExit(f"ppo_gi: {bad} rollout score(s) from --reward {args.reward} are not finite (NaN or inf); stopped before training on them")
@@ -369,8 +315,8 @@ def rollout(args, d, policy, reference, critic, scorer, tokenizer, prompts, it, 
         # 3. old log-probs (the sampler's own, PPO_DETAILS 2: the same weights and T), reference
         # log-probs, values, group probabilities
         logp = sampler_logp.to(d.device)
-        ref_logp = in_chunks(lambda i, m: plumbing.response_logprobs(reference, i, m, P, args.temperature)[0], args.forward_batch, ids, mask)
-        values, probs = in_chunks(lambda i, m, lab: group_probs(args, critic, i, m, P, lab), args.forward_batch, ids, mask, labels)
+        ref_logp = plumbing.in_chunks(lambda i, m: plumbing.response_logprobs(reference, i, m, P, args.temperature)[0], args.forward_batch, ids, mask)
+        values, probs = plumbing.in_chunks(lambda i, m, lab: groups.group_probs(args, critic, i, m, P, lab), args.forward_batch, ids, mask, labels)
         values = values[:, P - 1:-1]
         # g_high: the group with the highest soft mean of the scalar score, recomputed each batch
         g_high = groups.high_group(scores, probs, lambda x: plumbing.all_reduce_sum(x, d),
@@ -388,7 +334,7 @@ def rollout(args, d, policy, reference, critic, scorer, tokenizer, prompts, it, 
         seq_returns = (rewards * args.gamma ** torch.arange(rewards.shape[1], device=rewards.device)).sum(-1)
         if args.whiten_advantages:
             advantages = masked_whiten(advantages, r_mask, d)
-        judged = in_chunks(judge, args.forward_batch, prompts, texts, ids, mask) if judge else None
+        judged = plumbing.in_chunks(judge, args.forward_batch, prompts, texts, ids, mask) if judge else None
     return dict(ids=ids, mask=mask, r_mask=r_mask, logp=logp, values=values, returns=returns, advantages=advantages, judged=judged,
                 probs=probs, scores=scores, raw=raw, seq_returns=seq_returns, kl=kl, rewards=rewards, p_high=p_high, g_high=g_high,
                 has_eos=has_eos.float(), texts=texts, prompts=prompts, groups=groups_of or [None] * len(prompts), P=P,
@@ -435,7 +381,7 @@ def ppo_update(args, d, policy, critic, opt_policy, opt_critic, batch, log_stats
     n_local = batch["ids"].shape[0]
     n_mb = args.rollout_batch // args.minibatch
     gen = torch.Generator().manual_seed(args.seed * 100003 + it)
-    reduce = lambda x: global_sum(x, d)  # noqa: E731  sums over ranks that gradients flow through
+    reduce = lambda x: plumbing.global_sum(x, d)  # noqa: E731  sums over ranks that gradients flow through
     n_min = args.min_group_frac * args.minibatch / args.n_groups  # groups.py: the least size of a group
     names = ["policy/loss", "val/loss", "policy/approxkl", "policy/clipfrac", "policy/entropy", "val/clipfrac"]
     for epoch in range(args.ppo_epochs):
@@ -490,10 +436,10 @@ def ppo_update(args, d, policy, critic, opt_policy, opt_critic, batch, log_stats
             p_rest = mb["probs"]
             if len(micros) > 1 and args.groups == "inferred":  # every row's p_φ as it is now, for the micro-batches' R_var
                 with torch.no_grad():
-                    p_rest = torch.cat([group_probs(args, critic, rows("ids", u), rows("mask", u), P, None)[1] for u in micros])
+                    p_rest = torch.cat([groups.group_probs(args, critic, rows("ids", u), rows("mask", u), P, None)[1] for u in micros])
             loss_sum = 0.0
             for m in micros:
-                values, p_phi = group_probs(args, critic, rows("ids", m), rows("mask", m), P, rows("probs", m).argmax(-1))
+                values, p_phi = groups.group_probs(args, critic, rows("ids", m), rows("mask", m), P, rows("probs", m).argmax(-1))
                 v, old_v, r_mask = values[:, P - 1:-1], rows("values", m), rows("r_mask", m)
                 vf_loss, r_var_phi = critic_loss(v, old_v, rows("returns", m), r_mask, G if args.j_form == "derived" else J, p_phi,
                                                  n_tok=n_tok, cliprange_value=args.cliprange_value, n_min=n_min, reduce=reduce,
@@ -549,30 +495,10 @@ def iteration_metrics(args, d, batch, stats, running, all_groups=()):
     m["groups/g_high"] = batch["g_high"]
     if args.data == "toy":  # the gold judge on the sampled responses, per true group
         gold = [data.gold_score(p, t) for p, t in zip(batch["prompts"], batch["texts"])]
-        m.update(group_means("gold", gold, [data.true_group(p) for p in batch["prompts"]], data.GROUPS, d))
+        m.update(plumbing.group_means("gold", gold, [data.true_group(p) for p in batch["prompts"]], data.GROUPS, d))
     if batch["judged"] is not None:  # --judge_reward: the watching reward model, per group of the data
-        m.update(group_means("judge", batch["judged"].tolist(), batch["groups"], all_groups, d))
+        m.update(plumbing.group_means("judge", batch["judged"].tolist(), batch["groups"], all_groups, d))
     return m
-
-
-def group_means(prefix, values, names, all_names, d):
-    """{prefix/<group>: the mean of `values` over the samples of each group, prefix/mean: over all},
-    all ranks together; `all_names` (the same on every rank) orders the groups."""
-    sums = torch.zeros(len(all_names) + 1, 2, device=d.device)  # the last row: samples with no group
-    for value, name in zip(values, names):
-        sums[all_names.index(name) if name in all_names else -1] += torch.tensor([value, 1.0], device=d.device)
-    sums = plumbing.all_reduce_sum(sums, d)
-    out = {f"{prefix}/{g}": (sums[i, 0] / sums[i, 1]).item() for i, g in enumerate(all_names) if sums[i, 1] > 0}
-    out[f"{prefix}/mean"] = (sums[:, 0].sum() / sums[:, 1].sum()).item()
-    return out
-
-
-def write_rollouts(path, batch):
-    """The last iteration's samples as JSON lines, written whole or not at all (rank 0)."""
-    rows = [{"prompt": p, "response": t, "reward": s} for p, t, s in zip(batch["prompts"], batch["texts"], batch["raw"].tolist())]
-    with open(path + ".tmp", "w") as f:
-        f.write("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(path + ".tmp", path)
 
 
 def main(args):
@@ -615,8 +541,8 @@ def main(args):
     for model in (policy, reference, critic):
         plumbing.shard(model.eval(), d, bf16=bf16, checkpointing=args.gradient_checkpointing and model is not reference)
     reference.requires_grad_(False)
-    scorer = load_scorer(args.reward, tokenizer, d, bf16)
-    judge = load_scorer(args.judge_reward, tokenizer, d, bf16) if args.judge_reward else None
+    scorer = reward.load_scorer(args.reward, tokenizer, d, bf16)
+    judge = reward.load_scorer(args.judge_reward, tokenizer, d, bf16) if args.judge_reward else None
     opt_policy = plumbing.optimizer(policy, args.lr)  # AdamW, fused on CUDA
     opt_critic = plumbing.optimizer(critic, args.critic_lr)
     models, optimizers = {"policy": policy, "critic": critic}, {"policy": opt_policy, "critic": opt_critic}
@@ -660,14 +586,15 @@ def main(args):
         if (it + 1) % args.log_every == 0 or it == 0:
             m = iteration_metrics(args, d, batch, stats, running, all_groups)
             log.log(it + 1, {**m, **perf, "lr": opt_policy.param_groups[0]["lr"]})
+            bar.set_postfix(score=f"{m['objective/scores']:.3f}", kl=f"{m['objective/kl']:.3f}")
         if args.sample_every and (it + 1) % args.sample_every == 0:  # a few of rank 0's samples, as a table
             seq_kl = (batch["kl"] * batch["r_mask"]).sum(-1).tolist()
             log.log_samples(it + 1, [{"prompt": p[-300:], "response": t, "score": round(s, 4), "group": g, "kl": round(k, 4)}
                                      for p, t, s, g, k in zip(batch["prompts"], batch["texts"], batch["raw"].tolist(),
                                                               batch["groups"], seq_kl)][:8])
-            bar.set_postfix(score=f"{m['objective/scores']:.3f}", kl=f"{m['objective/kl']:.3f}")
         if it + 1 == args.steps and d.main:  # before the final checkpoint: a run resumed from it keeps them
-            write_rollouts(os.path.join(args.out, "rollouts.jsonl"), batch)
+            plumbing.write_jsonl(os.path.join(args.out, "rollouts.jsonl"), [{"prompt": p, "response": t, "reward": s} for p, t, s in
+                                                                             zip(batch["prompts"], batch["texts"], batch["raw"].tolist())])
         if args.save_every and ((it + 1) % args.save_every == 0 or it + 1 in (args.steps, args.stop_at)):
             plumbing.save_checkpoint(args.out, it + 1, models, optimizers, tokenizer,
                                      {"step": it + 1, "running": dict(running.__dict__), "args": vars(args), "log_bytes": log.tell()}, d,

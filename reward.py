@@ -80,6 +80,26 @@ def load_reward_model(path, tokenizer, seed=0, dtype=torch.float32):
     return RewardModel(plumbing.load_model(path, tokenizer, seed=seed, head="score", dtype=dtype))
 
 
+def load_scorer(spec, tokenizer, d, bf16):
+    """r_ψ as one callable for PPO, scorer(prompts, texts, ids, mask) -> raw scores [b], with
+    scorer.center, the value subtracted before scaling. 'gold': the built-in task's gold judge (scores
+    in [0, 1], centre 0.5). Else a reward model directory, frozen (bf16 on CUDA): the scalar at each
+    sequence's last real token, centred by its mean score on its training pairs (reward_stats.json)."""
+    if spec == "gold":
+        def scorer(prompts, texts, ids, mask):
+            return torch.tensor([data.gold_score(p, t) for p, t in zip(prompts, texts)], device=ids.device)
+        scorer.center = 0.5
+        return scorer
+    rm = plumbing.shard(load_reward_model(spec, tokenizer, dtype=plumbing.frozen_dtype(d)).eval(), d, bf16=bf16).requires_grad_(False)
+    with open(os.path.join(spec, "reward_stats.json")) as f:
+        center = json.load(f)["mean"]
+
+    def scorer(prompts, texts, ids, mask):
+        return sequence_rewards(rm, ids, mask)
+    scorer.center = center
+    return scorer
+
+
 def tokenize_pairs(tokenizer, pairs, max_len, report=None):
     """(prompt ids, chosen ids + EOS, prompt ids, rejected ids + EOS) per preference pair, the
     prompt cut separately for each side so that both fit in max_len, and the pairs kept: a pair

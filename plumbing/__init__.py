@@ -15,7 +15,8 @@ Under `python X.py` everything runs in one process with no process group and no 
 root (gloo on CPU, NCCL and bf16 compute on CUDA).
 """
 from plumbing.processes import (Dist, all_reduce_sum, autocast_forward, batch_indices, checkpoint_blocks,  # noqa: F401
-                                close_distributed, decoder_blocks, equal_chunks, frozen_dtype, init_distributed,
+                                close_distributed, decoder_blocks, equal_chunks, frozen_dtype, global_min, global_sum,
+                                group_means, in_chunks, init_distributed,
                                 rank_chunks, rng_state, seed_everything, set_rng_state, shard, unsharded)
 from plumbing.models import (TINY, build_tiny_model, check_model_dir, check_same_tokenizer, fused_gelu,  # noqa: F401
                              gguf_location, load_model, load_tokenizer, model_kind, optimizer, train_tiny_tokenizer)
@@ -25,4 +26,5 @@ from plumbing.generation import (CACHE_KINDS, GENERATE_CACHE, GENERATE_IMPL, GEN
                                  sample, static_cache)
 from plumbing.runs import (MetricsLog, _full_model_state, at_least, checkpoint_state, checkpoints,  # noqa: F401
                            fail_if_mostly_skipped, find_checkpoint, fraction, load_optimizer_state, lock_output,
-                           perf_metrics, peak_rss_mb, progress, resume_from, save_checkpoint, save_model)
+                           perf_metrics, peak_rss_mb, progress, resume_from, save_checkpoint, save_model, write_atomic,
+                           write_jsonl)

@@ -57,6 +57,44 @@ def all_reduce_sum(x, d):
     return x
 
 
+def global_min(x, d):
+    """The smallest element over all ranks, as a float."""
+    x = x.min().detach().clone()
+    if d.sharded:
+        dist.all_reduce(x, op=dist.ReduceOp.MIN)
+    return x.item()
+
+
+def global_sum(x, d):
+    """Sum over ranks that gradients flow through (e.g. the group sums of R_g span the whole batch)."""
+    if not d.sharded:
+        return x
+    import torch.distributed.nn.functional as dist_fn
+    return dist_fn.all_reduce(x, op=dist.ReduceOp.SUM)
+
+
+def group_means(prefix, values, names, all_names, d):
+    """{prefix/<group>: the mean of `values` over the samples of each group, prefix/mean: over all},
+    all ranks together; `all_names` (the same on every rank) orders the groups."""
+    sums = torch.zeros(len(all_names) + 1, 2, device=d.device)  # the last row: samples with no group
+    for value, name in zip(values, names):
+        sums[all_names.index(name) if name in all_names else -1] += torch.tensor([value, 1.0], device=d.device)
+    sums = all_reduce_sum(sums, d)
+    out = {f"{prefix}/{g}": (sums[i, 0] / sums[i, 1]).item() for i, g in enumerate(all_names) if sums[i, 1] > 0}
+    out[f"{prefix}/mean"] = (sums[:, 0].sum() / sums[:, 1].sum()).item()
+    return out
+
+
+def in_chunks(fn, size, *rows):
+    """fn(*rows) in chunks of `size` rows (0: all at once; every rank runs as many, as FSDP needs),
+    its tensor outputs concatenated. Rows may be tensors, lists or None."""
+    n = len(rows[0])
+    if not size or size >= n:
+        return fn(*rows)
+    outs = [fn(*(r if r is None else r[i:i + size] for r in rows)) for i in range(0, n, size)]
+    return tuple(map(torch.cat, zip(*outs))) if isinstance(outs[0], tuple) else torch.cat(outs)
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)

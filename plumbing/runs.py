@@ -203,6 +203,18 @@ def resume_from(args, parser, may_change):
     return ckpt
 
 
+def write_atomic(path, text):
+    """`text` into `path`, whole or not at all (a temporary name, then a rename)."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def write_jsonl(path, rows):
+    """{…} rows as JSON lines, whole or not at all."""
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
 class MetricsLog:
     """JSON lines, one per logged step, written by rank 0 only, and the same scalars to TensorBoard
     with report_to="tensorboard" (an optional package). On resume the file is first cut back to its

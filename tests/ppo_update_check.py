@@ -13,6 +13,7 @@ import data  # noqa: E402
 import groups  # noqa: E402
 import plumbing  # noqa: E402
 import ppo_gi  # noqa: E402
+import reward  # noqa: E402
 
 sft_dir, out = sys.argv[1], sys.argv[2]  # then any extra ppo_gi.py flags, e.g. --groups known
 args = ppo_gi.parser.parse_args(["--sft", sft_dir, "--reward", "gold", "--rollout_batch", "8", "--minibatch", "4",
@@ -25,7 +26,7 @@ if args.groups == "known":
     args.n_groups, labels = len(names), torch.tensor([names.index(x["group"]) for x in records])
 policy, reference = plumbing.load_model(sft_dir, tok).eval(), plumbing.load_model(sft_dir, tok).eval()
 critic = groups.load_critic(sft_dir, tok, args.n_groups, seed=0).eval()
-scorer = ppo_gi.load_scorer("gold", tok, plumbing.Dist(), False)
+scorer = reward.load_scorer("gold", tok, plumbing.Dist(), False)
 batch = ppo_gi.rollout(args, plumbing.Dist(), policy, reference, critic, scorer, tok, [x["prompt"] for x in records], 0,
                        ppo_gi.RunningStd(), labels=labels)
 

@@ -12,6 +12,7 @@ import data
 import groups
 import plumbing
 import ppo_gi
+import reward
 from conftest import read_metrics, run_script
 
 
@@ -106,7 +107,7 @@ def rollout_batch(toy_sft_dir):
     policy, reference = plumbing.load_model(toy_sft_dir, tok).eval(), plumbing.load_model(toy_sft_dir, tok).eval()
     critic = groups.load_critic(toy_sft_dir, tok, 2, seed=0).eval()
     prompts = [x["prompt"] for x in data.load_prompts("toy", "rl[:16]")]
-    batch = ppo_gi.rollout(args, plumbing.Dist(), policy, reference, critic, ppo_gi.load_scorer("gold", tok, plumbing.Dist(), False), tok, prompts, 0, ppo_gi.RunningStd())
+    batch = ppo_gi.rollout(args, plumbing.Dist(), policy, reference, critic, reward.load_scorer("gold", tok, plumbing.Dist(), False), tok, prompts, 0, ppo_gi.RunningStd())
     return args, policy, critic, batch
 
 
@@ -322,7 +323,6 @@ def test_end_to_end_variants_on_the_builtin_task(toy_sft_dir, tmp_path, capsys):
     gold judge as its reward must beat SFT: the built-in task leaves RL room. Measured on a 2-core
     CPU, PPO seeds 1/2/3 from this SFT: greedy gold on 100 test prompts 0.454 → 0.547/0.569/0.525
     (+0.093/+0.115/+0.071); asserted: +0.04."""
-    import reward
     import sft
     rm = str(tmp_path / "rm")
     reward.main(reward.parser.parse_args(["--sft", toy_sft_dir, "--out", rm, "--steps", "50", "--batch_size", "32",
@@ -454,7 +454,7 @@ def test_known_groups_are_the_hard_probability_path_of_the_inferred_groups(toy_s
     args.n_groups = len(names)
     policy, reference = plumbing.load_model(toy_sft_dir, tok).eval(), plumbing.load_model(toy_sft_dir, tok).eval()
     critic = groups.load_critic(toy_sft_dir, tok, args.n_groups, seed=0).eval()
-    batch = ppo_gi.rollout(args, plumbing.Dist(), policy, reference, critic, ppo_gi.load_scorer("gold", tok, plumbing.Dist(), False),
+    batch = ppo_gi.rollout(args, plumbing.Dist(), policy, reference, critic, reward.load_scorer("gold", tok, plumbing.Dist(), False),
                            tok, [x["prompt"] for x in records], 0, ppo_gi.RunningStd(), labels=labels)
     assert names == sorted(data.GROUPS) and torch.equal(batch["probs"], torch.nn.functional.one_hot(labels, 4).float())
     assert batch["p_high"].tolist() == (labels == batch["g_high"]).float().tolist()

@@ -12,6 +12,7 @@ import data
 import groups
 import plumbing
 import ppo_gi
+import reward
 import sft
 from conftest import read_metrics, run_script
 
@@ -42,7 +43,7 @@ def test_micro_batched_scoring_gives_the_same_rollout(toy_sft_dir):
     for size in ("0", "3"):
         args = ppo_gi.parser.parse_args(["--sft", toy_sft_dir, "--reward", "gold", "--rollout_batch", "10", "--minibatch", "10",
                                          "--max_new_tokens", "8", "--forward_batch", size])
-        out[size] = ppo_gi.rollout(args, plumbing.Dist(), policy, reference, critic, ppo_gi.load_scorer("gold", tok, plumbing.Dist(), False),
+        out[size] = ppo_gi.rollout(args, plumbing.Dist(), policy, reference, critic, reward.load_scorer("gold", tok, plumbing.Dist(), False),
                                    tok, prompts, 0, ppo_gi.RunningStd())
     for key in ("raw", "values", "probs", "kl", "advantages", "returns"):
         assert torch.allclose(out["0"][key], out["3"][key], atol=1e-5), key
@@ -89,7 +90,6 @@ def test_tensorboard_is_optional_and_says_so(tmp_path, monkeypatch):
 
 def test_a_judge_reward_model_only_watches(toy_sft_dir, tmp_path):
     """--judge_reward logs the second RM's scores of the same rollouts (judge/*) and changes nothing."""
-    import reward
     tok = plumbing.load_tokenizer(toy_sft_dir)
     judge = str(tmp_path / "judge")
     plumbing.save_model(reward.load_reward_model(toy_sft_dir, tok), tok, judge, plumbing.Dist(), extra={"reward_stats.json": {"mean": 0.0, "std": 1.0}})
