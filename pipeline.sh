@@ -105,8 +105,8 @@ if [ "$DATA" = hh ]; then
   OOD="${OOD_DATA-$([ -f "$PKU" ] && echo "$PKU")}"
   # presets: the budgets of one run on a 2-core CPU (cpu) or one GPU (gpu); --tiny: a few steps of each
   if [ "$PRESET" = cpu ]; then
-    : "${HH_MAX_LEN:=192}" "${HH_NEW_TOKENS:=32}" "${HH_SFT_STEPS:=40}" "${HH_RM_STEPS:=40}" "${HH_JUDGE_STEPS:=80}" "${HH_DPO_STEPS:=40}"
-    : "${HH_BATCH:=8}" "${HH_PPO_STEPS:=12}" "${HH_ROLLOUT:=16}" "${HH_EVAL_PROMPTS:=64}" "${HH_STATS_PAIRS:=128}"
+    : "${HH_MAX_LEN:=160}" "${HH_NEW_TOKENS:=24}" "${HH_SFT_STEPS:=30}" "${HH_RM_STEPS:=30}" "${HH_JUDGE_STEPS:=60}" "${HH_DPO_STEPS:=30}"
+    : "${HH_BATCH:=4}" "${HH_PPO_STEPS:=8}" "${HH_ROLLOUT:=8}" "${HH_EVAL_PROMPTS:=32}" "${HH_STATS_PAIRS:=64}"
   else
     : "${HH_MAX_LEN:=512}" "${HH_NEW_TOKENS:=128}" "${HH_SFT_STEPS:=600}" "${HH_RM_STEPS:=400}" "${HH_JUDGE_STEPS:=800}" "${HH_DPO_STEPS:=400}"
     : "${HH_BATCH:=32}" "${HH_PPO_STEPS:=100}" "${HH_ROLLOUT:=64}" "${HH_EVAL_PROMPTS:=400}" "${HH_STATS_PAIRS:=2048}"
