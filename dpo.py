@@ -14,7 +14,7 @@ is β·(log π_θ − log π_ref), logged as rewards/chosen and rewards/rejected
     torchrun --nnodes 2 --node_rank $RANK --master_addr $HOST --master_port 29500 \\
         --nproc_per_node 8 dpo.py ...                                                    # 2 nodes
 
-Writes `--out` (default runs/dpo): the policy (save_pretrained), metrics.jsonl, checkpoint/.
+Writes `--out` (default runs/dpo): the policy (save_pretrained), metrics.jsonl, checkpoints/.
 """
 import argparse
 import os
@@ -173,7 +173,7 @@ def main(args):
     evaluate = lambda: heldout_metrics(policy, reference, heldout_ex, tokenizer.pad_token_id, args.beta, d)  # noqa: E731
     finished = sft.supervised_loop(args, d, policy, optimizer, tokenizer, train_ex, micro_loss, batch_weight=batch_weight,
                                    evaluate=evaluate, log=log, first_step=first, name="dpo", after_step=after_step,
-                                   state=lambda: {"alpha": robust["alpha"].tolist()} if robust else {})
+                                   state=lambda: {"alpha": robust["alpha"].tolist()} if robust else {}, train_mode=False)
     if finished:
         summary = evaluate()
         if args.data == "toy" and args.gold_prompts:

@@ -6,9 +6,10 @@ softmax over M) is trained to MAXIMIZE the variance of performance across the gr
     R_g(θ)      = Σ_i p_φ(g|x_i,y_i) · J_i  /  Σ_i p_φ(g|x_i,y_i)          (soft group mean)
     R_var(θ, φ) = Var( R_g1(θ), R_g2(θ), …, R_gM(θ) )                      (population variance)
 
-What J_i is (METHOD.md, "the per-trajectory term J_i"): R_g(θ) is group g's expected return, so
-J_i's *value* is trajectory i's scalar return G_i, and its θ-*gradient* is a policy gradient. The
-chain rule then gives Stage 2's term as a weight per trajectory (`variance_weights`):
+What J_i is (docs/METHOD.md, "The per-trajectory term J_i"): R_g(θ) is group g's expected return,
+so J_i's *value* is trajectory i's scalar return G_i, and its θ-*gradient* is a policy gradient.
+Through group_returns and variance_penalty the chain rule then gives Stage 2's term as a weight
+per trajectory (tests/test_ppo_gi.py checks it against the weights derived by hand):
 
     ∇_θ R_var = Σ_g ∂R_var/∂R_g · ∇_θ R_g = Σ_i w_i · ∇_θ S_i,   w_i = ∂R_var/∂G_i
 

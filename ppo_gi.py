@@ -10,7 +10,7 @@ algorithm box:
   5. GAE advantages and returns;
   6. PPO epochs: θ descends the clipped surrogate + β_policy·R_var (φ fixed); the critic descends
      the clipped value loss − β_critic·R_var (θ's terms detached), i.e. φ ascends R_var.
-     R_var's θ-gradient is the chain rule's: Σ_i w_i·∇_θ S_i with w_i = ∂R_var/∂G_i (groups.py).
+     R_var's θ-gradient is the chain rule's: Σ_i w_i·∇_θ S_i with w_i = ∂R_var/∂G_i (policy_loss).
 
 Flags give the paper's baselines and ablations with the same code:
   --no_gi          plain PPO with KL (β_policy = β_critic = 0, p_high ≡ 1)
@@ -103,7 +103,7 @@ parser.add_argument("--gradient_checkpointing", type=int, choices=[0, 1], defaul
 parser.add_argument("--keep_checkpoints", type=count, default=1, help="keep the newest K checkpoints in OUT/checkpoints (policy/ and critic/: save_pretrained folders)")
 parser.add_argument("--save_every", type=plumbing.at_least(0), default=20, help="checkpoint every K iterations (0: never)")
 parser.add_argument("--stop_at", type=count, default=None, help="stop after this iteration as if interrupted (for resume tests)")
-parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint; only these flags may differ from the run being resumed: " + ", ".join(f"--{k}" for k in sorted(MAY_CHANGE_ON_RESUME)))
+parser.add_argument("--resume", action="store_true", help="continue from the newest of OUT/checkpoints; only these flags may differ from the run being resumed: " + ", ".join(f"--{k}" for k in sorted(MAY_CHANGE_ON_RESUME)))
 parser.add_argument("--max_skipped", type=plumbing.fraction, default=0.1, help="fail (no model saved, exit 1) when more than this share of the updates were skipped as non-finite")
 parser.add_argument("--seed", type=int, default=1, help="seed for data order and sampling")
 parser.add_argument("--bf16", type=int, default=None, help="bf16 autocast compute, fp32 weights (default: on under CUDA, off on CPU)")
@@ -186,7 +186,7 @@ def per_trajectory_terms(j_form, G, pg_per_token, n_tok, minibatch, new_logp, re
         # is the PPO objective −pg_loss (Σ_i,t over n_tok tokens): both terms share a scale
         S = -pg_per_token.sum(-1) * minibatch / n_tok
         # J_i = G_i + S_i − stopgrad(S_i): value G_i (the return), gradient ∇_θ S_i. Through R_g, R_var:
-        #   ∇_θ R_var = Σ_g ∂R_var/∂R_g · ∇_θ R_g = Σ_i w_i · ∇_θ S_i,   w_i = ∂R_var/∂G_i (groups.py)
+        #   ∇_θ R_var = Σ_g ∂R_var/∂R_g · ∇_θ R_g = Σ_i w_i · ∇_θ S_i,   w_i = ∂R_var/∂G_i
         return G.detach() + S - S.detach()
     # --j_form slide: J_i = Σ_t log π_θ(a_t|s_t) · R_t  (R_t: the GAE return, detached)
     return (new_logp * returns * r_mask).sum(-1)

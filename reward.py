@@ -16,7 +16,7 @@ attention mask, so it is right under left and right padding alike.
 
 Writes `--out` (default runs/reward): the model (a transformers *ForSequenceClassification with
 num_labels=1, so `from_pretrained` reloads it), the tokenizer, reward_stats.json (mean and std of
-the scores on the training pairs, for later stages to normalize by), metrics.jsonl, checkpoint/.
+the scores on the training pairs, for later stages to normalize by), metrics.jsonl, checkpoints/.
 """
 import argparse
 import collections

@@ -14,7 +14,7 @@ update as 1 process with the whole batch.
     python sft.py --model smollm2 --data ../shared/data/hh-rlhf --split "test[:512]"     # real model
 
 Writes `--out` (default runs/sft): the model and tokenizer (save_pretrained), metrics.jsonl,
-and checkpoint/ (every --save_every steps; --resume continues from it to the same result).
+and checkpoints/step-N/ (every --save_every steps; --resume continues from the newest to the same result).
 """
 import argparse
 import collections
@@ -171,7 +171,7 @@ def adamw(model, args):
 
 
 def supervised_loop(args, d, model, optimizer, tokenizer, examples, micro_loss, batch_weight, evaluate, log, first_step, name,
-                    after_step=None, state=dict):
+                    after_step=None, state=dict, train_mode=True):
     """Optimizer steps first_step..args.steps. Each step takes the global batch (the same on every
     rank), gives this rank its share in --grad_accum micro-batches, and back-propagates
     micro_loss(micro) * world / batch_weight(global batch): a per-example (or per-token) mean over
@@ -179,14 +179,15 @@ def supervised_loop(args, d, model, optimizer, tokenizer, examples, micro_loss, 
     gradients over ranks; the factor `world` turns that average into the sum.
     micro_loss(micro) -> (summed loss, {metric: summed value}); evaluate() -> {metric: value};
     after_step(metrics) runs after each applied update and returns more metrics to log; state()
-    is what the stage adds to each checkpoint (numbers and lists, e.g. GR-DPO's group weights).
+    is what the stage adds to each checkpoint (numbers and lists, e.g. GR-DPO's group weights);
+    train_mode=False keeps dropout off (DPO, PPO_DETAILS 1).
     Returns False if --stop_at ended the run early, True when all steps are done."""
     bar = plumbing.progress(range(first_step, args.steps), d, initial=first_step, total=args.steps, desc=name)
     t0, seen, skipped = time.time(), 0, 0
     tokens, busy_s, n_steps = 0, 0.0, 0  # since the last log: non-pad tokens of the global batches, seconds and count of their steps
     for step in bar:
         t_step = time.perf_counter()
-        model.train()
+        model.train(train_mode)
         batch = [examples[i] for i in plumbing.batch_indices(step, args.batch_size, len(examples), args.seed)]
         norm = batch_weight(batch)
         for group in optimizer.param_groups:

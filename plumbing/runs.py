@@ -187,7 +187,7 @@ def load_optimizer_state(ckpt, models, optimizers, d):
 
 
 def resume_from(args, parser, may_change):
-    """--resume: the newest checkpoint in OUT/checkpoint (no checkpoint is an error), whose saved
+    """--resume: the newest checkpoint in OUT/checkpoints (no checkpoint is an error), whose saved
     flags must equal this run's but for `may_change` (steps, logging, …): a flag that changes the
     model, the data or a shape is an error that names it. None without --resume."""
     if not args.resume:

@@ -1,7 +1,6 @@
 """A run that fails says so: resume that logs each step once, runs that train nothing exit non-zero,
 checkpoints that cannot run code, flags and directories checked before any work. Each test here
 failed on the code before it (tiny models, one thread)."""
-import json
 import os
 import pickle
 import subprocess
@@ -10,12 +9,11 @@ import sys
 import pytest
 import torch
 
-import data
 import plumbing
 import ppo_gi
 import reward
 import sft
-from conftest import ROOT, read_metrics, run_script
+from conftest import read_metrics
 
 SFT_SHORT = ["--steps", "12", "--batch_size", "16", "--log_every", "1", "--eval_every", "6", "--gold_prompts", "0", "--lr", "3e-3"]
 PPO_SHORT = ["--reward", "gold", "--rollout_batch", "16", "--minibatch", "8", "--max_new_tokens", "8", "--eval_prompts", "8"]
@@ -26,32 +24,48 @@ def values(path):
     return [{k: v for k, v in r.items() if k != "time_s" and not k.startswith("perf/")} for r in read_metrics(path)]
 
 
-def killed(args, when):
-    """Run a stage as a user would, killed (os._exit, as kill -9) at `when` (tests/die_at.py)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "tests/die_at.py", when, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 9, proc.stdout[-2000:] + proc.stderr[-2000:]
+class Killed(BaseException):
+    """Stands for kill -9: raised where the process would die, caught by the test; no code of the
+    stage runs after it (nothing catches a BaseException), so the files are as a killed run leaves them."""
 
 
-def test_sft_killed_after_a_checkpoint_resumes_with_the_uninterrupted_log_row_for_row(tmp_path):
+def killed(module, argv, monkeypatch, step=None):
+    """Run a stage in this process, killed right after the metrics row of `step` is written, or (step
+    None) at its first save_model: after its last checkpoint, before the model is saved."""
+    with monkeypatch.context() as patch:
+        if step is None:
+            patch.setattr(plumbing, "save_model", lambda *a, **k: (_ for _ in ()).throw(Killed()))
+        else:
+            log = plumbing.MetricsLog.log
+
+            def log_then_die(self, at, metrics):
+                log(self, at, metrics)
+                if at == step:
+                    raise Killed()
+            patch.setattr(plumbing.MetricsLog, "log", log_then_die)
+        with pytest.raises(Killed):
+            module.main(module.parser.parse_args(argv))
+
+
+def test_sft_killed_after_a_checkpoint_resumes_with_the_uninterrupted_log_row_for_row(tmp_path, monkeypatch):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    run_script(["sft.py", "--out", full, "--save_every", "4", *SFT_SHORT])
-    killed(["sft.py", "--out", part, "--save_every", "4", *SFT_SHORT], "log:7")  # checkpoint at 4, killed at 7
+    sft.main(sft.parser.parse_args(["--out", full, "--save_every", "4", *SFT_SHORT]))
+    killed(sft, ["--out", part, "--save_every", "4", *SFT_SHORT], monkeypatch, step=7)  # checkpoint at 4, killed at 7
     assert len(read_metrics(os.path.join(part, "metrics.jsonl"))) > 4
-    run_script(["sft.py", "--out", part, "--save_every", "4", *SFT_SHORT, "--resume"])
+    sft.main(sft.parser.parse_args(["--out", part, "--save_every", "4", *SFT_SHORT, "--resume"]))
     assert values(os.path.join(part, "metrics.jsonl")) == values(os.path.join(full, "metrics.jsonl"))
 
 
-def test_ppo_killed_after_a_checkpoint_resumes_with_the_uninterrupted_log_and_rollouts(toy_sft_dir, tmp_path):
+def test_ppo_killed_after_a_checkpoint_resumes_with_the_uninterrupted_log_and_rollouts(toy_sft_dir, tmp_path, monkeypatch):
     full, part, late = (str(tmp_path / n) for n in ("full", "part", "late"))
-    base = ["ppo_gi.py", "--sft", toy_sft_dir, "--steps", "6", "--save_every", "3", *PPO_SHORT]
-    run_script(base + ["--out", full])
-    killed(base + ["--out", part], "log:5")  # checkpoint at 3, killed at 5
-    run_script(base + ["--out", part, "--resume"])
+    base = ["--sft", toy_sft_dir, "--steps", "6", "--save_every", "3", *PPO_SHORT]
+    ppo_gi.main(ppo_gi.parser.parse_args(base + ["--out", full]))
+    killed(ppo_gi, base + ["--out", part], monkeypatch, step=5)  # checkpoint at 3, killed at 5
+    ppo_gi.main(ppo_gi.parser.parse_args(base + ["--out", part, "--resume"]))
     assert values(os.path.join(part, "metrics.jsonl")) == values(os.path.join(full, "metrics.jsonl"))
     # killed after the final checkpoint, before the model is saved: the resumed run finishes and keeps the rollouts
-    killed(base + ["--out", late], "save")
-    run_script(base + ["--out", late, "--resume"])
+    killed(ppo_gi, base + ["--out", late], monkeypatch)
+    ppo_gi.main(ppo_gi.parser.parse_args(base + ["--out", late, "--resume"]))
     rollouts = lambda out: open(os.path.join(out, "rollouts.jsonl")).read()  # noqa: E731
     assert rollouts(late) == rollouts(full) and rollouts(full).count("\n") == 16
     assert values(os.path.join(late, "metrics.jsonl")) == values(os.path.join(full, "metrics.jsonl"))
