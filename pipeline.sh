@@ -36,7 +36,8 @@
 # folded into harmless / helpful as the groups) → ppo_shuffled → evaluate (Win / Tie / Lose by the
 # judge RM, per group, and out of domain on OOD_DATA, default the PKU-SafeRLHF slice beside the clone).
 # --preset cpu (the default) fits a 2-core CPU; --preset gpu is SmolLM2-135M for one GPU; --tiny runs
-# the preset's stages with a few steps each (a smoke test). Every budget is an HH_* variable.
+# a few steps of sft, the two RMs, GI-PPO with the known groups and evaluate (a smoke test of the
+# plumbing). Every budget is an HH_* variable.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -72,6 +73,8 @@ ETA_PPO_KL="${ETA_PPO_KL:-0.5}"      # η of PPO w/ KL (and of the shuffled cont
 BETA_POLICY="${BETA_POLICY:-0.1}"    # β_policy, the weight of R_var in GI-PPO's policy loss
 STUDY_BETAS="${STUDY_BETAS:-0 0.1 0.3 1 3 10}"  # --study: the β_policy of each grouping's GI-PPO runs
 KL_MATCH_TRIES="${KL_MATCH_TRIES:-4}"  # --study: PPO w/ KL runs at most in the search for the KL-matched η
+HELDOUT_PAIRS="${HELDOUT_PAIRS:-test}"  # the toy pairs the RM and DPO are evaluated on at the end
+STATS_PAIRS="${STATS_PAIRS:-1024}"   # training pairs whose RM scores give reward_stats.json's mean and std
 PY="${PYTHON:-python}"
 
 if [ "$INSTALL" = 1 ]; then
@@ -127,25 +130,27 @@ if [ "$DATA" = hh ]; then
     stage "$name" "$OUT/$name/config.json" "$PY" reward.py --sft "$OUT/sft" "${TRAIN[@]}" "${HELD[@]}" --split "$split" \
       --steps "$steps" --lr "$HH_RM_LR" --warmup 2 --stats_pairs "$HH_STATS_PAIRS" --out "$OUT/$name"
   done
-  stage dpo "$OUT/dpo/config.json" "$PY" dpo.py --sft "$OUT/sft" "${TRAIN[@]}" "${HELD[@]}" --split train --steps "$HH_DPO_STEPS" \
-    --lr "$HH_DPO_LR" --warmup 2 --gold_prompts 0 --out "$OUT/dpo"
-  hh_ppo() {  # hh_ppo NAME FLAGS...: one ppo_gi.py variant on the rl split, the judge RM watching
-    local name="$1"; shift
+  [ "$TINY" = 0 ] && stage dpo "$OUT/dpo/config.json" "$PY" dpo.py --sft "$OUT/sft" "${TRAIN[@]}" "${HELD[@]}" --split train \
+    --steps "$HH_DPO_STEPS" --lr "$HH_DPO_LR" --warmup 2 --gold_prompts 0 --out "$OUT/dpo"
+  OPPONENTS=("SFT=$OUT/sft") && [ "$TINY" = 0 ] && OPPONENTS+=("DPO=$OUT/dpo")
+  hh_ppo() {  # hh_ppo NAME LABEL FLAGS...: one ppo_gi.py variant on the rl split, the judge RM watching (--tiny: gi_known only)
+    local name="$1" label="$2"; shift 2
+    [ "$TINY" = 1 ] && [ "$name" != gi_known ] && return
+    [ "$name" != gi_ppo ] && OPPONENTS+=("$label=$OUT/$name")
     stage "$name" "$OUT/$name/config.json" "$PY" ppo_gi.py --sft "$OUT/sft" --reward "$OUT/reward" --judge_reward "$OUT/judge_rm" \
       --data "$HH" --split rl --group_by harm --steps "$HH_PPO_STEPS" --rollout_batch "$HH_ROLLOUT" --batch_size "$HH_ROLLOUT" \
       --max_len "$HH_MAX_LEN" --max_new_tokens "$HH_NEW_TOKENS" --lr "$HH_PPO_LR" --critic_lr "$HH_CRITIC_LR" --seed "$SEED" \
       --save_every 0 --eval_prompts 0 --sample_every 5 --out "$OUT/$name" "$@"
   }
-  hh_ppo ppo --no_gi --kl_coef 0
-  hh_ppo ppo_kl --no_gi --kl_coef "$HH_ETA"
-  hh_ppo gi_ppo --kl_coef "$HH_ETA" --beta_policy "$HH_BETA_POLICY"
-  hh_ppo gi_fixed_kl --fixed_kl --kl_coef "$HH_ETA" --beta_policy "$HH_BETA_POLICY"
-  hh_ppo gi_beta0 --kl_coef "$HH_ETA" --beta_policy 0
-  hh_ppo gi_known --groups known --kl_coef "$HH_ETA" --beta_policy "$HH_BETA_POLICY"
-  hh_ppo ppo_shuffled --no_gi --kl_coef "$HH_ETA" --shuffle_rewards
-  stage evaluate "$OUT/eval/results.json" "$PY" evaluate.py --data "$HH" --group_by harm --model "GI-PPO=$OUT/gi_ppo" \
-    --opponents "SFT=$OUT/sft" "PPO=$OUT/ppo" "PPO w/ KL=$OUT/ppo_kl" "DPO=$OUT/dpo" "GI-PPO fixed KL=$OUT/gi_fixed_kl" \
-    "GI-PPO β_policy 0=$OUT/gi_beta0" "GI-PPO (known groups)=$OUT/gi_known" "PPO (shuffled)=$OUT/ppo_shuffled" \
+  hh_ppo ppo PPO --no_gi --kl_coef 0
+  hh_ppo ppo_kl "PPO w/ KL" --no_gi --kl_coef "$HH_ETA"
+  hh_ppo gi_ppo GI-PPO --kl_coef "$HH_ETA" --beta_policy "$HH_BETA_POLICY"
+  hh_ppo gi_fixed_kl "GI-PPO fixed KL" --fixed_kl --kl_coef "$HH_ETA" --beta_policy "$HH_BETA_POLICY"
+  hh_ppo gi_beta0 "GI-PPO β_policy 0" --kl_coef "$HH_ETA" --beta_policy 0
+  hh_ppo gi_known "GI-PPO (known groups)" --groups known --kl_coef "$HH_ETA" --beta_policy "$HH_BETA_POLICY"
+  hh_ppo ppo_shuffled "PPO (shuffled)" --no_gi --kl_coef "$HH_ETA" --shuffle_rewards
+  MODEL_ARG="GI-PPO=$OUT/gi_ppo" && [ "$TINY" = 1 ] && MODEL_ARG="GI-PPO (known groups)=$OUT/gi_known" && OPPONENTS=("SFT=$OUT/sft")
+  stage evaluate "$OUT/eval/results.json" "$PY" evaluate.py --data "$HH" --group_by harm --model "$MODEL_ARG" --opponents "${OPPONENTS[@]}" \
     --reward "$OUT/judge_rm" --judges rm --n_prompts "$HH_EVAL_PROMPTS" --max_len "$HH_MAX_LEN" --max_new_tokens "$HH_NEW_TOKENS" \
     --seed "$SEED" --out "$OUT/eval" ${OOD:+--ood_data "$OOD"}
   [ "$RAN" = 0 ] && cat "$OUT/eval/table.md"
@@ -155,7 +160,7 @@ fi
 
 # Each trainer writes config.json last (after a temporary name and rename), so it marks a finished stage.
 stage sft "$OUT/sft/config.json" "$PY" sft.py --steps "$SFT_STEPS" --seed "$SEED" --out "$OUT/sft" --save_every 0 --gold_prompts 0
-stage reward "$OUT/reward/config.json" "$PY" reward.py --sft "$OUT/sft" --steps "$RM_STEPS" --eval_every "$RM_STEPS" --seed "$SEED" --out "$OUT/reward" --save_every 0 --stats_pairs 1024
+stage reward "$OUT/reward/config.json" "$PY" reward.py --sft "$OUT/sft" --steps "$RM_STEPS" --eval_every "$RM_STEPS" --seed "$SEED" --out "$OUT/reward" --save_every 0 --stats_pairs "$STATS_PAIRS" --eval_split "$HELDOUT_PAIRS"
 if [ "$SWEEP" = 1 ]; then
   # β_policy × η for GI-PPO and η for PPO w/ KL, from this seed's SFT and reward model. Judged by
   # the gold score of the sampled responses to the RL split's prompts (the last 10 iterations'
@@ -175,7 +180,7 @@ if [ "$SWEEP" = 1 ]; then
   echo "sft_lr0 is the SFT policy run through the same iterations with lr 0: the same prompts and sampling seeds, no update."
   exit 0
 fi
-stage dpo "$OUT/dpo/config.json" "$PY" dpo.py --sft "$OUT/sft" --steps "$DPO_STEPS" --eval_every "$DPO_STEPS" --seed "$SEED" --out "$OUT/dpo" --save_every 0 --gold_prompts 0
+stage dpo "$OUT/dpo/config.json" "$PY" dpo.py --sft "$OUT/sft" --steps "$DPO_STEPS" --eval_every "$DPO_STEPS" --seed "$SEED" --out "$OUT/dpo" --save_every 0 --gold_prompts 0 --eval_split "$HELDOUT_PAIRS"
 ppo() {  # ppo NAME FLAGS...: one ppo_gi.py variant from the same SFT and reward model
   local name="$1"; shift
   stage "$name" "$OUT/$name/config.json" "$PY" ppo_gi.py --sft "$OUT/sft" --reward "$OUT/reward" --steps "$PPO_STEPS" --lr "$PPO_LR" \
@@ -225,7 +230,7 @@ if [ "$STUDY" = 1 ]; then
   fi
   echo "== KL-matched PPO w/ KL: $MATCHED"
   stage gr_dpo "$OUT/study/gr_dpo/config.json" "$PY" dpo.py --sft "$OUT/sft" --steps "$DPO_STEPS" --eval_every "$DPO_STEPS" \
-    --seed "$SEED" --out "$OUT/study/gr_dpo" --save_every 0 --gold_prompts 0 --group_robust
+    --seed "$SEED" --out "$OUT/study/gr_dpo" --save_every 0 --gold_prompts 0 --group_robust --eval_split "$HELDOUT_PAIRS"
   stage "study evaluate" "$OUT/study/eval/results.json" "$PY" evaluate.py --model "PPO w/ KL (KL-matched)=$MATCHED" \
     --opponents "${ROWS[@]}" "PPO w/ KL=$OUT/ppo_kl" "PPO (rank KL)=$OUT/study/ppo_rank_kl" "DPO=$OUT/dpo" \
     "GR-DPO=$OUT/study/gr_dpo" "SFT=$OUT/sft" --judges gold --splits test ood --n_prompts "$EVAL_PROMPTS" --seed "$SEED" \

@@ -276,6 +276,7 @@ def test_real_data_by_a_judge_rm_per_group_and_out_of_domain(toy_sft_dir, tmp_pa
 
 def test_pipeline_end_to_end_with_a_tiny_budget(tmp_path):
     env = {**os.environ, "SFT_STEPS": "10", "RM_STEPS": "3", "DPO_STEPS": "3", "PPO_STEPS": "2", "PPO_BATCH": "16", "EVAL_PROMPTS": "4",
+           "HELDOUT_PAIRS": "test[:32]", "STATS_PAIRS": "64",
            "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = ["bash", os.path.join(ROOT, "pipeline.sh"), "--no-install", "--seed", "3", "--out", str(tmp_path / "p")]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
