@@ -1,39 +1,24 @@
 """evaluate.py: the paper's evaluation. Win / Tie / Lose of one model against each opponent.
 
-Every model answers the same prompts with the same decoding settings (greedy by default, seeded
-when sampling). Then each judge compares the model's response with each opponent's, item by item:
-
-  gold  the built-in task's gold judge (data.gold_score; stands in for GPT-4 / humans):
-        higher score wins, equal scores tie
-  rm    a reward model (--reward): higher score wins; a tie when the difference is under
-        --rm_tie_margin times the reward model's std on its training pairs (reward_stats.json).
-        Real data has no gold judge: the protocol (Gao et al. 2022, "Scaling Laws for Reward Model
-        Overoptimization") is a *judge* RM, trained by reward.py on the `judge` split (which no
-        policy or proxy RM sees) with a larger budget than the proxy RM
-  llm   any OpenAI-compatible chat-completions endpoint (--judge_url, --judge_model, key from the
-        environment variable --judge_key_env), asked a pairwise question in the spirit of the
-        paper's GPT-4 prompt. The A/B order is drawn at random per item and un-swapped in the tally.
-        A failed request (after --judge_retries retries with backoff) or an answer that names no
-        verdict counts as `invalid`: reported, never dropped. Identical responses tie without a request.
-        A redirect is refused, not followed, so the key goes to --judge_url only (ask_judge)
-
-By default the built-in task (--data toy) is judged by gold and rm on its test and ood splits,
-real data by rm on its test split and, as the `ood` column, on prompts from another source
-(--ood_data, e.g. PKU-SafeRLHF). Percentages are over all items: win + tie + lose + invalid = 100.
-The table is laid out like the paper's, rows judge × opponent and columns split, then again per
-prompt group where the prompts carry one (HH harmless / helpful with --group_by harm; the built-in
-task's true groups). Per model it also reports the mean gold per true group with the worst group
-and the best − worst gap (built-in task), and the reward model's score distribution (the long tail).
+Every model answers the same prompts with the same decoding (greedy by default, seeded when
+sampling); then each judge compares the model's response with each opponent's, item by item:
+  gold  the built-in task's gold judge (data.gold_score, standing in for GPT-4 and humans)
+  rm    a reward model (--reward); a tie within --rm_tie_margin × its std. On real data it is the
+        *judge* RM of Gao et al. (2022): trained on the `judge` split, which no policy or proxy RM
+        sees, with a larger budget
+  llm   an OpenAI-compatible endpoint (--judge_url, --judge_model) asked the paper's GPT-4 question;
+        the A/B order drawn per item; a failed request, a redirect or no verdict counts `invalid`
+Percentages are over all items (win + tie + lose + invalid = 100), per split (the built-in task's
+test and ood; real data's test and --ood_data) and per prompt group; per model also the gold per
+true group with the worst group and the best − worst gap, and the RM's score distribution.
 
     python evaluate.py --model GI-PPO=runs/gi_ppo --opponents SFT=runs/sft "PPO w/ KL=runs/ppo_kl" --reward runs/reward
-    python evaluate.py --data ../shared/data/hh-rlhf --group_by harm --model … --opponents … --reward runs/judge_rm \\
+    python evaluate.py --data ../shared/data/hh-rlhf --group_by harm --model … --opponents … --reward runs/judge_rm \
         --ood_data ../shared/data/ood/pku-saferlhf
-    python evaluate.py ... --judges llm --judge_url http://localhost:8000/v1 --judge_model my-judge
+    python evaluate.py --aggregate | --runs | --study | --match_kl …   # reports on finished runs (--help)
 
-Writes --out (default runs/eval): results.json ({winrates, winrates_by_group, groups, group_summary,
-rewards, items, perf, settings}), table.md, responses.jsonl, and PNG plots where matplotlib is
-installed: reward distributions, gold per group, training curves, and gold_vs_kl.png (gold or the
-judge RM, and the proxy RM, against KL over each PPO run: over-optimization). One process.
+Writes --out: results.json, table.md, responses.jsonl and plots (reward distributions, gold per
+group, training curves, gold_vs_kl.png: the judge's and the proxy's score against KL per PPO run).
 """
 import argparse
 import json
@@ -42,8 +27,6 @@ import os
 import random
 import re
 import time
-import urllib.error
-import urllib.request
 
 import numpy as np
 import torch
@@ -133,42 +116,18 @@ def parse_verdict(text):
     return "tie" if v in ("tie", "c") else v.upper()
 
 
-class RedirectRefused(Exception):
-    """The judge endpoint answered with a redirect (ask_judge follows none)."""
-
-
-class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        fp.close()
-        raise RedirectRefused(f"{req.full_url} answered {code}, a redirect to {newurl}: refused (the key is sent to "
-                              "--judge_url only; set --judge_url to the address that answers)")
-
-
 def ask_judge(args, prompt, a, b):
-    """One chat-completions request, retried with bounded exponential backoff. Returns (answer text,
-    None), or (None, why) when no answer came: every try failed (connection error, HTTP error,
-    malformed JSON), or the endpoint redirected. A redirect, to another host or the same one, is
-    refused at once and not retried: urllib would re-send the Authorization header to the new
-    address (and turn the POST into a GET without its body), so the key goes to --judge_url only."""
-    url = args.judge_url.rstrip("/") + "/chat/completions"
-    body = json.dumps({"model": args.judge_model, "temperature": 0, "messages": [
+    """One chat-completions request (plumbing.post_json: retries with backoff, no redirect followed,
+    so the key goes to --judge_url only). Returns (answer text, None), or (None, why) without one."""
+    body = {"model": args.judge_model, "temperature": 0, "messages": [
         {"role": "system", "content": JUDGE_SYSTEM},
-        {"role": "user", "content": JUDGE_PROMPT.format(prompt=prompt.strip(), a=a.strip(), b=b.strip())}]}).encode()
-    headers = {"Content-Type": "application/json"}
-    if os.environ.get(args.judge_key_env):
-        headers["Authorization"] = f"Bearer {os.environ[args.judge_key_env]}"
-    opener = urllib.request.build_opener(_RefuseRedirects)
-    for attempt in range(args.judge_retries + 1):
-        try:
-            with opener.open(urllib.request.Request(url, body, headers), timeout=args.judge_timeout) as r:
-                return json.loads(r.read())["choices"][0]["message"]["content"], None
-        except RedirectRefused as e:
-            return None, str(e)
-        except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError, TypeError) as e:
-            last = e
-            if attempt < args.judge_retries:
-                time.sleep(min(30.0, 2.0 ** attempt))
-    return None, f"request failed after {args.judge_retries + 1} tries ({last})"
+        {"role": "user", "content": JUDGE_PROMPT.format(prompt=prompt.strip(), a=a.strip(), b=b.strip())}]}
+    reply, why = plumbing.post_json(args.judge_url.rstrip("/") + "/chat/completions", body, os.environ.get(args.judge_key_env),
+                                    args.judge_retries, args.judge_timeout)
+    try:
+        return (reply["choices"][0]["message"]["content"], None) if reply is not None else (None, why)
+    except (KeyError, IndexError, TypeError) as e:
+        return None, f"an answer without choices[0].message.content ({e!r})"
 
 
 def llm_outcomes(args, prompts, responses, opponent_responses, rng):
@@ -206,8 +165,6 @@ def parse_named(spec):
 @torch.no_grad()
 def respond(args, path, prompts, device):
     """The model at `path` answers every split's prompts (batched, left-padded), same settings for all."""
-    if not os.path.exists(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"{path}: no model here (config.json missing); train it first")
     tokenizer = plumbing.load_tokenizer(path)
     model = plumbing.shard(plumbing.load_model(path, tokenizer), plumbing.Dist(device=device), bf16=args.bf16).eval()
     texts, n_tokens, t0 = {}, 0, time.perf_counter()

@@ -9,6 +9,7 @@ is reward.py's, and the training loop of SFT, reward modelling and DPO is sft.py
                 the checks on model directories, the optimizer
     generation  prompt + response tokens, padded batches, log-probs, the sampling loop
     runs        flag types, the output lock, model folders, checkpoints, metrics.jsonl
+    web         the LLM judge's HTTP request (no redirect followed: the key goes nowhere else)
 
 Under `python X.py` everything runs in one process with no process group and no sharding; under
 `torchrun --nproc_per_node N X.py` each decoder block is wrapped with FSDP2 `fully_shard`, then the
@@ -28,3 +29,4 @@ from plumbing.runs import (MetricsLog, _full_model_state, at_least, checkpoint_s
                            fail_if_mostly_skipped, find_checkpoint, fraction, load_optimizer_state, lock_output,
                            perf_metrics, peak_rss_mb, progress, resume_from, save_checkpoint, save_model, write_atomic,
                            write_jsonl)
+from plumbing.web import RedirectRefused, post_json  # noqa: F401
