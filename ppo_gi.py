@@ -341,38 +341,6 @@ def rollout(args, d, policy, reference, critic, scorer, tokenizer, prompts, it, 
                 perf={"perf/gen_s": t_gen, "perf/score_s": time.perf_counter() - t0 - t_gen})
 
 
-def optimizer_step(loss, model, optimizer, log_stats, who, backward=True):
-    """Backward (unless the gradients are already in .grad), clip at 1.0, step; a non-finite loss
-    or gradient norm skips the step, says so and is counted (PPO_DETAILS 13, 18)."""
-    if backward:
-        loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-    if torch.isfinite(loss) and torch.isfinite(norm):
-        optimizer.step()
-    else:
-        log_stats["skipped"] = log_stats.get("skipped", 0) + 1
-        if os.environ.get("RANK", "0") == "0":
-            print(f"ppo_gi: non-finite {who} loss or gradient ({loss.item():.4g}, {norm.item():.4g}); update skipped")
-    optimizer.zero_grad(set_to_none=True)
-
-
-def gradient_cosine(model, first_loss, second_loss, d):
-    """Backward both losses into .grad (their sum, ready for the step) and return the cosine between
-    the two θ-gradients: one extra backward pass, on the graph kept from the first."""
-    first_loss.backward(retain_graph=True)
-    params = [p for p in model.parameters() if p.grad is not None]
-    first = [p.grad.detach().clone() for p in params]
-    second_loss.backward()
-    local = lambda g: g.to_local() if hasattr(g, "to_local") else g  # noqa: E731  a rank's shard under FSDP2
-    dots = torch.zeros(3)
-    for p, g1 in zip(params, first):
-        a, b = local(g1).float(), local(p.grad.detach() - g1).float()
-        dots += torch.stack([(a * b).sum(), (a * a).sum(), (b * b).sum()]).cpu()
-    dots = plumbing.all_reduce_sum(dots.to(d.device), d)
-    return (dots[0] / (dots[1].sqrt() * dots[2].sqrt()).clamp(min=1e-20)).item()
-
-
 def ppo_update(args, d, policy, critic, opt_policy, opt_critic, batch, log_stats, it=0):
     """6. PPO epochs over this rank's rollout in minibatches (each rank holds 1/world of every
     global minibatch), each in --grad_accum micro-batches. Losses are per-token means over the
@@ -420,7 +388,7 @@ def ppo_update(args, d, policy, critic, opt_policy, opt_critic, batch, log_stats
                 # sum its gradient over ranks in the backward pass, which the average then undoes.
                 gi_loss = args.beta_policy * r_var_theta if gi else 0.0
                 if gi and k == 0 and epoch == 0 and args.grad_cos and m is None:
-                    log_stats["groups/grad_cos"] = [gradient_cosine(policy, pg_loss * d.world, gi_loss, d)]
+                    log_stats["groups/grad_cos"] = [plumbing.gradient_cosine(policy, pg_loss * d.world, gi_loss, d)]
                 else:
                     (pg_loss * d.world + gi_loss).backward()
                 loss_sum = loss_sum + (pg_loss * d.world + gi_loss).detach()
@@ -429,7 +397,7 @@ def ppo_update(args, d, policy, critic, opt_policy, opt_critic, batch, log_stats
                                              (0.5 * (new_logp - old_logp) ** 2 * r_mask).sum(),             # policy/approxkl
                                              (((ratio - 1).abs() > args.cliprange).float() * r_mask).sum(),  # policy/clipfrac
                                              (ent * r_mask).sum()])                                          # policy/entropy
-            optimizer_step(loss_sum, policy, opt_policy, log_stats, "policy", backward=False)
+            plumbing.optimizer_step(loss_sum, policy, opt_policy, log_stats, "ppo_gi policy", backward=False)
 
             # critic step: the clipped value loss − β_critic·R_var (θ's terms detached): φ ascends R_var.
             # With known groups there is no φ: the labels stand in for it, and only the values learn.
@@ -450,7 +418,7 @@ def ppo_update(args, d, policy, critic, opt_policy, opt_critic, batch, log_stats
                 with torch.no_grad():
                     sums[1] += vf_loss * n_tok
                     sums[5] += (((v - old_v).abs() > args.cliprange_value).float() * r_mask).sum()  # val/clipfrac
-            optimizer_step(loss_sum, critic, opt_critic, log_stats, "critic", backward=False)
+            plumbing.optimizer_step(loss_sum, critic, opt_critic, log_stats, "ppo_gi critic", backward=False)
 
             with torch.no_grad():
                 sums = plumbing.all_reduce_sum(sums, d) / n_tok

@@ -20,7 +20,8 @@ from plumbing.processes import (Dist, all_reduce_sum, autocast_forward, batch_in
                                 group_means, in_chunks, init_distributed,
                                 rank_chunks, rng_state, seed_everything, set_rng_state, shard, unsharded)
 from plumbing.models import (TINY, build_tiny_model, check_model_dir, check_same_tokenizer, fused_gelu,  # noqa: F401
-                             gguf_location, load_model, load_tokenizer, model_kind, optimizer, train_tiny_tokenizer)
+                             gguf_location, gradient_cosine, load_model, load_tokenizer, model_kind, optimizer,
+                             optimizer_step, train_tiny_tokenizer)
 from plumbing.generation import (CACHE_KINDS, GENERATE_CACHE, GENERATE_IMPL, GENERATE_IMPLS, _STATIC_CACHE,  # noqa: F401
                                  compiled_forward_step, decode, encode, exponential, forward_step, generate, hf_generate,
                                  logprob_of, pad_batch, pick_token, position_ids, report_truncation, response_logprobs,

@@ -6,6 +6,8 @@ import os
 
 import torch
 
+from plumbing.processes import all_reduce_sum
+
 
 TINY = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=True)
@@ -188,3 +190,35 @@ def optimizer(model, lr, weight_decay=0.0):
     fused = plain and all(p.is_cuda for p in params)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95), fused=fused or None,
                              foreach=(plain and not fused) or None)
+
+
+def optimizer_step(loss, model, optimizer, log_stats, who, backward=True):
+    """Backward (unless the gradients are already in .grad), clip at 1.0, step; a non-finite loss
+    or gradient norm skips the step, says so and is counted in log_stats["skipped"] (PPO_DETAILS 13, 18)."""
+    if backward:
+        loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    if torch.isfinite(loss) and torch.isfinite(norm):
+        optimizer.step()
+    else:
+        log_stats["skipped"] = log_stats.get("skipped", 0) + 1
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{who}: non-finite loss or gradient ({loss.item():.4g}, {norm.item():.4g}); update skipped")
+    optimizer.zero_grad(set_to_none=True)
+
+
+def gradient_cosine(model, first_loss, second_loss, d):
+    """Backward both losses into .grad (their sum, ready for the step) and return the cosine between
+    the two θ-gradients: one extra backward pass, on the graph kept from the first."""
+    first_loss.backward(retain_graph=True)
+    params = [p for p in model.parameters() if p.grad is not None]
+    first = [p.grad.detach().clone() for p in params]
+    second_loss.backward()
+    local = lambda g: g.to_local() if hasattr(g, "to_local") else g  # noqa: E731  a rank's shard under FSDP2
+    dots = torch.zeros(3)
+    for p, g1 in zip(params, first):
+        a, b = local(g1).float(), local(p.grad.detach() - g1).float()
+        dots += torch.stack([(a * b).sum(), (a * a).sum(), (b * b).sum()]).cpu()
+    dots = all_reduce_sum(dots.to(d.device), d)
+    return (dots[0] / (dots[1].sqrt() * dots[2].sqrt()).clamp(min=1e-20)).item()
