@@ -464,6 +464,8 @@ def iteration_metrics(args, d, batch, stats, running, all_groups=()):
     if args.data == "toy":  # the gold judge on the sampled responses, per true group
         gold = [data.gold_score(p, t) for p, t in zip(batch["prompts"], batch["texts"])]
         m.update(plumbing.group_means("gold", gold, [data.true_group(p) for p in batch["prompts"]], data.GROUPS, d))
+    if all_groups:  # the KL per group of the data: where the adaptive KL holds the policy, and where it lets go
+        m.update(plumbing.group_means("kl", seq_kl.tolist(), batch["groups"], all_groups, d))
     if batch["judged"] is not None:  # --judge_reward: the watching reward model, per group of the data
         m.update(plumbing.group_means("judge", batch["judged"].tolist(), batch["groups"], all_groups, d))
     return m
