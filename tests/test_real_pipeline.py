@@ -1,5 +1,5 @@
-"""./pipeline.sh --data hh --tiny: every stage of the real-data pipeline on HH-RLHF with SmolLM2-135M,
-a few steps each (a smoke test of the plumbing, not of what the method does)."""
+"""./pipeline.sh --data hh --preset gpu --tiny on CPU: the real-data pipeline's stages on HH-RLHF with
+SmolLM2-135M, a few steps each (a smoke test of the plumbing, not of what the method does)."""
 import json
 import os
 import subprocess
@@ -13,7 +13,7 @@ from conftest import ROOT, needs_shared, needs_smollm2, read_metrics
 def test_pipeline_on_hh_rlhf_with_a_tiny_budget(tmp_path):
     out = tmp_path / "hh"
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(["bash", os.path.join(ROOT, "pipeline.sh"), "--data", "hh", "--tiny", "--no-install", "--out", str(out)],
+    proc = subprocess.run(["bash", os.path.join(ROOT, "pipeline.sh"), "--data", "hh", "--preset", "gpu", "--tiny", "--no-install", "--out", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((out / "eval" / "results.json").read_text())
