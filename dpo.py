@@ -116,7 +116,8 @@ def main(args):
     first = state["step"]
     train_ex, train = reward.tokenize_pairs(tokenizer, train, args.max_len, report="dpo")
     heldout_ex, _ = reward.tokenize_pairs(tokenizer, heldout[:1000], args.max_len)
-    log = plumbing.MetricsLog(os.path.join(args.out, "metrics.jsonl"), d, resume_at=state.get("log_bytes"), report_to=args.report_to)
+    log = plumbing.MetricsLog(os.path.join(args.out, "metrics.jsonl"), d, resume_at=state.get("log_bytes"),
+                              report_to=args.report_to, resume_step=state["step"])
     if d.main:
         print(f"dpo: {args.sft} on {args.data}: {len(train_ex)} train / {len(heldout_ex)} held-out pairs, "
               f"beta {args.beta}, {d.world} process(es), steps {first}..{args.steps}")
@@ -130,7 +131,8 @@ def main(args):
         scores = reward.pair_scores(lambda chunk: torch.cat(pair_logprobs(reference, chunk, tokenizer.pad_token_id, d.device)),
                                     [train_ex[i] for i in used], d, batch_size=args.batch_size // (d.world * args.grad_accum))
         ref_table = {id(train_ex[i]): s for i, s in zip(used, scores)}  # keyed by the example object the loop hands out
-        log.log(first, {"perf/ref_precompute_s": time.perf_counter() - t0})
+        if first == 0:  # (a resumed run logged it before its checkpoint)
+            log.log(first, {"perf/ref_precompute_s": time.perf_counter() - t0})
 
     # GR-DPO: group weights α (uniform at first), the group of each training pair, its global batch's group sizes
     robust = {}

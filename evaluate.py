@@ -435,11 +435,11 @@ def match_kl(target, candidates, tolerance=0.1):
     """The KL-matched control: 'match DIR' for the first candidate PPO run whose KL is within
     `tolerance` of the target run's, else 'next ETA CLOSEST' with η interpolated in log η – log KL
     between the candidates nearest the target (KL falls as η grows; one candidate: KL ∝ 1/η)."""
-    goal = run_kl(target)
+    goal = max(run_kl(target) or 0.0, 1e-6)  # (k1 KL can be ≤ 0 at a large η: the log needs it positive)
     runs = []
     for c in candidates:
         with open(os.path.join(c, "ppo_args.json")) as f:
-            runs.append((json.load(f)["kl_coef"], run_kl(c), os.path.normpath(c)))
+            runs.append((json.load(f)["kl_coef"], max(run_kl(c) or 0.0, 1e-6), os.path.normpath(c)))
     runs.sort(key=lambda r: abs(math.log(r[1] / goal)))
     for eta, kl, path in runs:
         if abs(kl - goal) <= tolerance * goal:
@@ -462,8 +462,9 @@ STUDY_ROW = re.compile(r"GI \((.+)\) β (.+)")  # the study's GI-PPO rows: "GI (
 def study_table(paths, out, reps=2000):
     """The study over seeds: per row mean gold, worst true group, best − worst and KL (mean ± std over
     seeds), and its paired Win / Tie / Lose against the model under evaluation (the KL-matched PPO
-    w/ KL) by gold, prompt by prompt, with a 95% bootstrap interval of Win − Lose that resamples
-    seeds, then prompts within each seed. Writes study.png to `out`: worst-group gold against β_policy."""
+    w/ KL) by gold, prompt by prompt, with a 95% bootstrap interval of Win − Lose that resamples the
+    seeds and the prompts (crossed: every seed answers the same prompts, so one draw of each).
+    Writes study.png to `out`: worst-group gold against β_policy."""
     runs = []
     for path in paths:
         with open(path) as f:
@@ -478,7 +479,7 @@ def study_table(paths, out, reps=2000):
             summary[g["model"], g["split"]].append(g)
     ms = lambda xs: f"{np.mean(xs):.3f} ± {np.std(xs):.3f}"  # noqa: E731
     lines = [f"Mean ± population std over {len(runs)} seeds; KL over the last 10 RL iterations; paired against {ref} by gold, "
-             "Win / Tie / Lose % of (seed, prompt), and Win − Lose with its 95% bootstrap interval (seeds, then prompts).", "",
+             "Win / Tie / Lose % of (seed, prompt), and Win − Lose with its 95% bootstrap interval (seeds and prompts resampled).", "",
              "| row | KL | " + " | ".join(f"{s}: mean gold | {s}: worst group | {s}: best − worst" for s in splits)
              + " | " + " | ".join(f"{s}: W / T / L vs {ref} | {s}: W − L [95%]" for s in splits) + " |",
              "|---|---:|" + "---:|" * (5 * len(splits))]
@@ -493,10 +494,9 @@ def study_table(paths, out, reps=2000):
         for s in splits:
             diff = [np.sign(np.array(r["items"]["gold"][name][s]) - np.array(r["items"]["gold"][ref][s])) for r in runs]
             every = np.concatenate(diff)
-            boot = []
-            for _ in range(reps):
-                pick = [diff[i][rng.integers(0, len(diff[i]), len(diff[i]))] for i in rng.integers(0, len(diff), len(diff))]
-                both = np.concatenate(pick)
+            boot, outcome = [], np.stack(diff)  # [seeds, prompts]: every seed answers the same prompts
+            for _ in range(reps):  # seeds and prompts are crossed: one draw of each per replicate
+                both = outcome[np.ix_(rng.integers(0, len(diff), len(diff)), rng.integers(0, outcome.shape[1], outcome.shape[1]))]
                 boot.append(100 * ((both > 0).mean() - (both < 0).mean()))
             lo, hi = np.percentile(boot, [2.5, 97.5])
             w, t, l_ = (100 * (every > 0).mean(), 100 * (every == 0).mean(), 100 * (every < 0).mean())
@@ -545,6 +545,8 @@ def main(args):
         return
     if not (args.model and args.opponents):
         parser.error("--model and --opponents are required (or --aggregate, --runs)")
+    if args.max_len <= args.max_new_tokens:
+        parser.error(f"--max_len {args.max_len} must exceed --max_new_tokens {args.max_new_tokens}: it holds the prompt too")
     toy = args.data == "toy"
     args.judges = args.judges or (["gold", "rm"] if toy else ["rm"])
     args.splits = args.splits or (["test", "ood"] if toy else ["test"])

@@ -60,7 +60,7 @@ while [ $# -gt 0 ]; do
 done
 case "$DATA" in toy|hh) ;; *) echo "pipeline.sh: --data $DATA: choose toy or hh" >&2; exit 2 ;; esac
 case "$PRESET" in cpu|gpu) ;; *) echo "pipeline.sh: --preset $PRESET: choose cpu or gpu" >&2; exit 2 ;; esac
-OUT="${OUT:-runs/pipeline-s$SEED$([ "$DATA" = hh ] && echo "-hh-$PRESET")}"
+if [ "$DATA" = hh ]; then OUT="${OUT:-runs/pipeline-s$SEED-hh-$PRESET}"; else OUT="${OUT:-runs/pipeline-s$SEED}"; fi
 SFT_STEPS="${SFT_STEPS:-400}"        # SFT steps: short of convergence, so RL has room to improve on SFT
 RM_STEPS="${RM_STEPS:-150}"          # reward-model steps
 DPO_STEPS="${DPO_STEPS:-100}"        # DPO steps
@@ -105,7 +105,7 @@ stage() {  # stage NAME DONE_FILE COMMAND...: run unless DONE_FILE exists (or --
 if [ "$DATA" = hh ]; then
   HH="${HH_DATA:-$([ -d ../shared/data/hh-rlhf ] && echo ../shared/data/hh-rlhf || echo Anthropic/hh-rlhf)}"
   PKU=../shared/data/ood/pku-saferlhf/alpaca-7b-test.head10.jsonl
-  OOD="${OOD_DATA-$([ -f "$PKU" ] && echo "$PKU")}"
+  if [ -f "$PKU" ]; then OOD="${OOD_DATA-$PKU}"; else OOD="${OOD_DATA-}"; fi
   # presets: the budgets of one run on a 2-core CPU (cpu) or one GPU (gpu); --tiny: a few steps of each
   if [ "$PRESET" = cpu ]; then
     : "${HH_MAX_LEN:=160}" "${HH_NEW_TOKENS:=24}" "${HH_SFT_STEPS:=30}" "${HH_RM_STEPS:=30}" "${HH_JUDGE_STEPS:=60}" "${HH_DPO_STEPS:=30}"
@@ -121,7 +121,7 @@ if [ "$DATA" = hh ]; then
   fi
   : "${HH_SFT_LR:=1e-5}" "${HH_RM_LR:=1e-5}" "${HH_DPO_LR:=5e-7}" "${HH_PPO_LR:=1e-6}" "${HH_CRITIC_LR:=5e-6}" "${HH_ETA:=0.1}"
   : "${HH_BETA_POLICY:=$BETA_POLICY}"
-  echo "== real data: $HH, policy $MODEL, preset $PRESET$([ "$TINY" = 1 ] && echo " (--tiny)"), into $OUT"
+  echo "== real data: $HH, policy $MODEL, preset $PRESET (--tiny: $TINY), into $OUT"
   TRAIN=(--data "$HH" --max_len "$HH_MAX_LEN" --batch_size "$HH_BATCH" --save_every 0 --log_every 1 --seed "$SEED")
   HELD=(--eval_split "test[:$HH_BATCH]" --eval_every 1000000)
   stage sft "$OUT/sft/config.json" "$PY" sft.py --model "$MODEL" "${TRAIN[@]}" "${HELD[@]}" --split train --steps "$HH_SFT_STEPS" \
@@ -148,7 +148,8 @@ if [ "$DATA" = hh ]; then
   hh_ppo gi_ppo GI-PPO --kl_coef "$HH_ETA" --beta_policy "$HH_BETA_POLICY"
   hh_ppo gi_fixed_kl "GI-PPO fixed KL" --fixed_kl --kl_coef "$HH_ETA" --beta_policy "$HH_BETA_POLICY"
   hh_ppo gi_beta0 "GI-PPO β_policy 0" --kl_coef "$HH_ETA" --beta_policy 0
-  hh_ppo gi_known "GI-PPO (known groups)" --groups known --kl_coef "$HH_ETA" --beta_policy "$HH_BETA_POLICY"
+  # with known groups no φ can isolate an outlier: no floor n_min, so a minority group's R_g is its mean
+  hh_ppo gi_known "GI-PPO (known groups)" --groups known --min_group_frac 0 --kl_coef "$HH_ETA" --beta_policy "$HH_BETA_POLICY"
   hh_ppo ppo_shuffled "PPO (shuffled)" --no_gi --kl_coef "$HH_ETA" --shuffle_rewards
   MODEL_ARG="GI-PPO=$OUT/gi_ppo" && [ "$TINY" = 1 ] && MODEL_ARG="GI-PPO (known groups)=$OUT/gi_known" && OPPONENTS=("SFT=$OUT/sft")
   stage evaluate "$OUT/eval/results.json" "$PY" evaluate.py --data "$HH" --group_by harm --model "$MODEL_ARG" --opponents "${OPPONENTS[@]}" \

@@ -23,7 +23,7 @@ Flags give the paper's baselines and ablations with the same code:
     torchrun --nproc_per_node 2 ppo_gi.py              # the same on 2 CPU processes (FSDP2, gloo)
     torchrun --nproc_per_node 8 ppo_gi.py --sft runs/sft-7b --reward runs/rm-7b \\
         --data Anthropic/hh-rlhf --split train --lr 5e-7 --critic_lr 1.5e-6 \\
-        --rollout_batch 512 --minibatch 64 --max_new_tokens 256                         # 1 node, 8 GPUs
+        --rollout_batch 512 --batch_size 64 --max_new_tokens 256 --max_len 768          # 1 node, 8 GPUs
     torchrun --nnodes 2 --node_rank $RANK --master_addr $HOST --master_port 29500 \\
         --nproc_per_node 8 ppo_gi.py ...                                                  # 2 nodes
 
@@ -482,6 +482,10 @@ def main(args):
                      f"and each minibatch must split evenly over {d.world} ranks")
     if args.reward == "gold" and args.data != "toy":
         parser.error("--reward gold is the built-in task's judge: it needs --data toy")
+    if args.max_len <= args.max_new_tokens:
+        parser.error(f"--max_len {args.max_len} must exceed --max_new_tokens {args.max_new_tokens}: it holds the prompt too")
+    if args.grad_accum > 1 and args.grad_cos:
+        parser.error("--grad_cos 1 needs --grad_accum 1 (the diagnostic compares the two terms' gradients of one backward pass)")
     if args.grad_accum > 1 and args.j_form == "slide":
         parser.error("--grad_accum > 1 needs --j_form derived (the slide form's J_i of the other micro-batches is not known yet)")
     if not args.no_gi and args.groups == "inferred" and args.n_groups < 2:
@@ -521,7 +525,8 @@ def main(args):
         state = plumbing.load_optimizer_state(ckpt, models, optimizers, d)
         running.__dict__.update(state["running"])
     first = state["step"]
-    log = plumbing.MetricsLog(os.path.join(args.out, "metrics.jsonl"), d, resume_at=state.get("log_bytes"), report_to=args.report_to)
+    log = plumbing.MetricsLog(os.path.join(args.out, "metrics.jsonl"), d, resume_at=state.get("log_bytes"),
+                              report_to=args.report_to, resume_step=state["step"])
     if d.main:
         variant = "PPO" + (" w/o KL" if args.kl_coef == 0 else " w/ KL") if args.no_gi else \
             "GI-PPO" + (" (fixed KL)" if args.fixed_kl else "") + (" (β_policy = 0)" if args.beta_policy == 0 else "")

@@ -202,28 +202,27 @@ def supervised_loop(args, d, model, optimizer, tokenizer, examples, micro_loss, 
         metrics = {k: v / norm for k, v in zip(sums, totals)}
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+        out = {}
         if not (math.isfinite(metrics["train/loss"]) and math.isfinite(grad_norm)):
             optimizer.zero_grad(set_to_none=True)  # never apply (or save) a non-finite update
-            log.log(step + 1, {"train/skipped": 1, "train/loss": str(metrics["train/loss"]), "train/grad_norm": str(grad_norm)})
+            out = {"train/skipped": 1, "train/loss": str(metrics["train/loss"]), "train/grad_norm": str(grad_norm)}
             if d.main:
                 print(f"{name} step {step + 1}: non-finite loss or gradient ({metrics['train/loss']}, {grad_norm}); update skipped")
             skipped += 1
             plumbing.fail_if_mostly_skipped(name, skipped, min(args.stop_at or args.steps, args.steps) - first_step, args.max_skipped)
-            continue
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        extra = after_step(metrics) if after_step else {}
-        seen += len(batch)
-        tokens += sum(len(part) for example in batch for part in example)  # an example: a tuple of id lists
-        busy_s, n_steps = busy_s + time.perf_counter() - t_step, n_steps + 1
-
-        out = {}
-        if (step + 1) % args.log_every == 0 or step == 0:
-            out = {**metrics, **extra, "train/grad_norm": grad_norm, "train/lr": optimizer.param_groups[0]["lr"],
-                   "perf/examples_per_s": seen / (time.time() - t0), "perf/peak_rss_mb": plumbing.peak_rss_mb(),
-                   "perf/step_s": busy_s / n_steps, **plumbing.perf_metrics(tokens, busy_s, d.device)}
-            tokens, busy_s, n_steps = 0, 0.0, 0
-            bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
+        else:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            extra = after_step(metrics) if after_step else {}
+            seen += len(batch)
+            tokens += sum(len(part) for example in batch for part in example)  # an example: a tuple of id lists
+            busy_s, n_steps = busy_s + time.perf_counter() - t_step, n_steps + 1
+            if (step + 1) % args.log_every == 0 or step == 0:
+                out = {**metrics, **extra, "train/grad_norm": grad_norm, "train/lr": optimizer.param_groups[0]["lr"],
+                       "perf/examples_per_s": seen / (time.time() - t0), "perf/peak_rss_mb": plumbing.peak_rss_mb(),
+                       "perf/step_s": busy_s / n_steps, **plumbing.perf_metrics(tokens, busy_s, d.device)}
+                tokens, busy_s, n_steps = 0, 0.0, 0
+                bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             out.update(evaluate())
         if out:
@@ -252,7 +251,8 @@ def main(args):
     first = state["step"]
     train_ex = tokenize_demos(tokenizer, train, args.max_len, report="sft")
     heldout_ex = tokenize_demos(tokenizer, heldout[:1000], args.max_len)
-    log = plumbing.MetricsLog(os.path.join(args.out, "metrics.jsonl"), d, resume_at=state.get("log_bytes"), report_to=args.report_to)
+    log = plumbing.MetricsLog(os.path.join(args.out, "metrics.jsonl"), d, resume_at=state.get("log_bytes"),
+                              report_to=args.report_to, resume_step=state["step"])
     if d.main:
         n_params = sum(p.numel() for p in model.parameters()) * d.world
         print(f"sft: {args.model} (~{n_params / 1e6:.1f}M params) on {args.data}: {len(train_ex)} train / "

@@ -31,9 +31,11 @@ def check_model_dir(path, flag, want):
         return
     if not os.path.exists(path):
         first = os.path.normpath(path).split(os.sep)[0]
-        if path.startswith((".", "/", "~")) or path.count("/") != 1 or os.path.exists(first):
+        # a path: absolute or explicitly relative, deeper than owner/name, or under a folder that exists here
+        # (or runs/, this repository's outputs); else a hub id: name or owner/name
+        if path.startswith((".", "/", "~")) or path.count("/") > 1 or ("/" in path and (os.path.exists(first) or first == "runs")):
             raise SystemExit(f"{flag} {path}: no such directory")
-        return  # owner/name: a hub id
+        return  # name or owner/name: a hub id
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise SystemExit(f"{flag} {path}: no model here (config.json missing); train it first")
     kind = model_kind(path)

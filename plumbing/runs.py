@@ -3,6 +3,7 @@ save_pretrained model folders, resumable checkpoints (code never runs from them)
 (and TensorBoard), and the rule that a run which trained nothing fails."""
 import argparse
 import atexit
+import contextlib
 import json
 import os
 import re
@@ -43,6 +44,16 @@ def fail_if_mostly_skipped(name, skipped, planned, max_skipped):
                          f"{planned} planned; nothing saved. Lower the learning rate, or look for NaN in the data or the model")
 
 
+def _alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
 def lock_output(out, d):
     """Claim the output directory for this run (rank 0 writes OUT/.lock with its process id): a second
     run on the same --out is refused while the first lives, instead of interleaving their logs and
@@ -51,16 +62,19 @@ def lock_output(out, d):
         return
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, ".lock")
-    try:
-        with open(path) as f:
-            pid = int(f.read().strip() or 0)
-        if pid and pid != os.getpid():
-            os.kill(pid, 0)  # raises if no such process
-            raise SystemExit(f"{out} is in use by another run (process {pid}, {path}); wait for it or choose another --out")
-    except (FileNotFoundError, ValueError, ProcessLookupError):
-        pass
-    with open(path, "w") as f:
-        f.write(str(os.getpid()))
+    for _ in range(2):  # create it atomically; an existing lock is refused if its process lives, else replaced
+        try:
+            with open(path, "x") as f:
+                f.write(str(os.getpid()))
+            break
+        except FileExistsError:
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                with open(path) as f:
+                    pid = int(f.read().strip() or 0)
+                if pid and pid != os.getpid() and _alive(pid):
+                    raise SystemExit(f"{out} is in use by another run (process {pid}, {path}); wait for it or choose another --out")
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
     atexit.register(lambda: os.path.exists(path) and open(path).read() == str(os.getpid()) and os.remove(path))
 
 
@@ -221,19 +235,20 @@ class MetricsLog:
     length when the checkpoint was saved (`resume_at`, from tell()): rows logged after the
     checkpoint, by the run that died, are logged again by the resumed run, not twice."""
 
-    def __init__(self, path, d, resume_at=None, report_to="none"):
+    def __init__(self, path, d, resume_at=None, report_to="none", resume_step=0):
         self.file, self.board = None, None
         if d.main:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             if resume_at is not None and os.path.exists(path):
-                os.truncate(path, resume_at)
+                os.truncate(path, min(resume_at, os.path.getsize(path)))
             self.file = open(path, "a" if resume_at is not None else "w")
             if report_to == "tensorboard":
                 try:
                     from torch.utils.tensorboard import SummaryWriter
                 except ImportError:
                     raise SystemExit("--report_to tensorboard needs the tensorboard package: pip install tensorboard") from None
-                self.board = SummaryWriter(os.path.join(os.path.dirname(path) or ".", "tensorboard"))
+                self.board = SummaryWriter(os.path.join(os.path.dirname(path) or ".", "tensorboard"),
+                                           purge_step=resume_step + 1 if resume_at is not None else None)
         self.start = time.time()
 
     def tell(self):

@@ -13,7 +13,7 @@ import plumbing
 import ppo_gi
 import reward
 import sft
-from conftest import read_metrics
+from conftest import ROOT, read_metrics
 
 SFT_SHORT = ["--steps", "12", "--batch_size", "16", "--log_every", "1", "--eval_every", "6", "--gold_prompts", "0", "--lr", "3e-3"]
 PPO_SHORT = ["--reward", "gold", "--rollout_batch", "16", "--minibatch", "8", "--max_new_tokens", "8", "--eval_prompts", "8"]
@@ -172,7 +172,7 @@ def test_an_output_directory_in_use_by_another_run_is_refused(toy_sft_dir, tmp_p
 def test_every_count_size_and_rate_is_checked_by_the_parser(module, flags, capsys):
     with pytest.raises(SystemExit):
         module.parser.parse_args(flags)
-    assert f"argument {flags[0]}" in capsys.readouterr().err
+    assert flags[0] in capsys.readouterr().err.split("error: argument ")[1].split(":")[0]
 
 
 def test_one_group_is_not_gi_ppo(toy_sft_dir, tmp_path, capsys):
@@ -190,3 +190,28 @@ def test_truncation_is_counted_and_identical_pairs_are_dropped(toy_sft_dir, caps
     assert kept == pairs[:1] and len(examples) == 1  # cut to 20 tokens, the second pair's two sides are the same
     out = capsys.readouterr().out
     assert "at --max_len 20, 50.0% of 2 pairs cut, 50.0% lost their EOS, 1 made identical (dropped): WARNING" in out
+
+
+def test_pipeline_sh_runs_its_stages_with_or_without_out_and_shared(tmp_path):
+    """A dry run (PYTHON=echo prints each stage's command): the default --out, and --data hh from a
+    clone with no ../shared (the hub id, no out-of-domain file) both reach their last stage."""
+    import shutil
+    shutil.copy(os.path.join(ROOT, "pipeline.sh"), tmp_path / "pipeline.sh")
+    for argv, last in ((["--no-install"], "evaluate.py --model GI-PPO=runs/pipeline-s1/gi_ppo"),
+                       (["--no-install", "--data", "hh"], "evaluate.py --data Anthropic/hh-rlhf")):
+        proc = subprocess.run(["bash", "pipeline.sh", *argv], cwd=tmp_path, env={**os.environ, "PYTHON": "echo"},
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0 and last in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "--ood_data" not in proc.stdout  # no PKU-SafeRLHF file beside this copy
+
+
+def test_max_len_must_hold_the_prompt_and_hub_ids_are_told_from_paths(toy_sft_dir, tmp_path, capsys, monkeypatch):
+    with pytest.raises(SystemExit):
+        ppo_gi.main(ppo_gi.parser.parse_args(["--sft", toy_sft_dir, "--out", str(tmp_path / "p"), *PPO_SHORT, "--max_len", "8"]))
+    assert "--max_len 8 must exceed --max_new_tokens 8" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    for hub_id in ("gpt2", "openai-community/gpt2"):  # not looked up here: only told apart from a path
+        plumbing.check_model_dir(hub_id, "--model", "lm")
+    for path in ("runs/sft", "./sft", "a/b/c"):
+        with pytest.raises(SystemExit, match="no such directory"):
+            plumbing.check_model_dir(path, "--sft", "lm")
