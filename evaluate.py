@@ -425,10 +425,11 @@ def run_table(dirs, last=10):
                       "| KL | max KL | smaller group | greedy test gold |", "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|", *rows_out]) + "\n"
 
 
-def run_kl(path, last=10):
-    """A ppo_gi.py run's mean KL from π^SFT over its last `last` iterations (on its RL prompts)."""
-    rows = [r for r in training_log(path) if "objective/kl" in r]
-    return float(np.mean([r["objective/kl"] for r in rows[-last:]])) if rows else None
+def run_kl(path, last=10, key="objective/kl"):
+    """A ppo_gi.py run's mean KL from π^SFT (or another logged `key`, e.g. gold/mean) over its last
+    `last` iterations, on its RL prompts; None for a model that logged none (SFT, DPO)."""
+    rows = [r for r in training_log(path) if key in r]
+    return float(np.mean([r[key] for r in rows[-last:]])) if rows else None
 
 
 def match_kl(target, candidates, tolerance=0.1):
@@ -478,15 +479,18 @@ def study_table(paths, out, reps=2000):
         for g in r["group_summary"]:
             summary[g["model"], g["split"]].append(g)
     ms = lambda xs: f"{np.mean(xs):.3f} ± {np.std(xs):.3f}"  # noqa: E731
-    lines = [f"Mean ± population std over {len(runs)} seeds; KL over the last 10 RL iterations; paired against {ref} by gold, "
+    lines = [f"Mean ± population std over {len(runs)} seeds; KL and RL gold (of the sampled rollouts) over the last 10 RL iterations; "
+             f"paired against {ref} by gold, "
              "Win / Tie / Lose % of (seed, prompt), and Win − Lose with its 95% bootstrap interval (seeds and prompts resampled).", "",
-             "| row | KL | " + " | ".join(f"{s}: mean gold | {s}: worst group | {s}: best − worst" for s in splits)
+             "| row | KL | RL gold | " + " | ".join(f"{s}: mean gold | {s}: worst group | {s}: best − worst" for s in splits)
              + " | " + " | ".join(f"{s}: W / T / L vs {ref} | {s}: W − L [95%]" for s in splits) + " |",
-             "|---|---:|" + "---:|" * (5 * len(splits))]
+             "|---|---:|---:|" + "---:|" * (5 * len(splits))]
     rng, stats = np.random.default_rng(0), {}
     for name in names:
-        kls = [k for k in (run_kl(d[name]) for d in dirs) if k is not None]
-        cells = [ms(kls) if kls else ""]
+        cells = []
+        for key in ("objective/kl", "gold/mean"):
+            logged = [k for k in (run_kl(d[name], key=key) for d in dirs) if k is not None]
+            cells.append(ms(logged) if logged else "")
         for s in splits:
             gs = summary[name, s]
             stats[name, s] = [g["worst_gold"] for g in gs]
