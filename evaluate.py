@@ -527,9 +527,10 @@ def plot_study(out, names, worst, splits):
             ax.errorbar(b, mean, yerr=std, marker="o", capsize=3, label=f"GI-PPO, groups {grouping}")
         for k, name in enumerate(n for n in names if not STUDY_ROW.fullmatch(n)):
             mean, std = np.mean(worst[name, s]), np.std(worst[name, s])
-            ax.axhspan(mean - std, mean + std, alpha=0.15, color=f"C{k + 3}")
+            ax.axhspan(mean - std, mean + std, alpha=0.08, color=f"C{k + 3}")
             ax.axhline(mean, color=f"C{k + 3}", lw=1, ls="--", label=name)
         ax.set_xscale("symlog", linthresh=0.1)
+        ax.set_xlim(left=0)
         ax.set(xlabel="β_policy", ylabel="worst true group's mean gold", title=f"worst group ({s}), mean ± std over seeds")
     axes[0][0].legend(fontsize=6)
     save(fig, out, "study.png")
