@@ -45,6 +45,7 @@ parser.add_argument("--opponents", nargs="+", help="NAME=DIR of each opponent")
 parser.add_argument("--aggregate", nargs="+", metavar="RESULTS_JSON", help="instead: mean ± std over seeds of several results.json files, as markdown")
 parser.add_argument("--runs", nargs="+", metavar="PPO_DIR", help="instead: a markdown table of ppo_gi.py runs from their metrics.jsonl (RL gold or judge RM, proxy RM, KL, groups)")
 parser.add_argument("--study", nargs="+", metavar="RESULTS_JSON", help="instead: the study's table over seeds (one results.json per seed, pipeline.sh --study) and its figure in --out")
+parser.add_argument("--versus", default=None, help="--study: pair every row against this row instead of the model under evaluation")
 parser.add_argument("--match_kl", nargs="+", metavar="DIR", help="instead: the KL-matched control's search, TARGET_RUN CANDIDATE_RUNS…: prints 'match DIR', or 'next ETA CLOSEST_DIR'")
 parser.add_argument("--data", default="toy", help="data.py spec of the prompts")
 parser.add_argument("--splits", nargs="+", default=None, help="prompt splits, each a column of the table; default: test ood (toy), test (real data, plus ood with --ood_data)")
@@ -460,18 +461,20 @@ def match_kl(target, candidates, tolerance=0.1):
 STUDY_ROW = re.compile(r"GI \((.+)\) β (.+)")  # the study's GI-PPO rows: "GI (grouping) β value"
 
 
-def study_table(paths, out, reps=2000):
+def study_table(paths, out, reps=2000, versus=None):
     """The study over seeds: per row mean gold, worst true group, best − worst and KL (mean ± std over
     seeds), and its paired Win / Tie / Lose against the model under evaluation (the KL-matched PPO
     w/ KL) by gold, prompt by prompt, with a 95% bootstrap interval of Win − Lose that resamples the
-    seeds and the prompts (crossed: every seed answers the same prompts, so one draw of each).
-    Writes study.png to `out`: worst-group gold against β_policy."""
+    seeds and the prompts (crossed: every seed answers the same prompts, so one draw of each);
+    `versus` names another row to pair against. Writes study.png to `out`: worst-group gold against β_policy."""
     runs = []
     for path in paths:
         with open(path) as f:
             runs.append(json.load(f))
-    ref = runs[0]["settings"]["model"].partition("=")[0]
-    names = [ref] + [parse_named(o)[0] for o in runs[0]["settings"]["opponents"]]
+    names = [parse_named(runs[0]["settings"]["model"])[0]] + [parse_named(o)[0] for o in runs[0]["settings"]["opponents"]]
+    ref = versus or names[0]
+    if ref not in names:
+        raise SystemExit(f"evaluate.py --versus {ref!r}: not a row of the study ({', '.join(names)})")
     dirs = [dict(parse_named(s) for s in [r["settings"]["model"]] + r["settings"]["opponents"]) for r in runs]
     splits = runs[0]["settings"]["splits"]
     summary = {(g["model"], g["split"]): [] for g in runs[0]["group_summary"]}
@@ -541,7 +544,7 @@ def main(args):
         print(match_kl(args.match_kl[0], args.match_kl[1:]))
         return
     if args.study:
-        table = study_table(args.study, args.out)
+        table = study_table(args.study, args.out, versus=args.versus)
         plumbing.write_atomic(os.path.join(args.out, "study.md"), table)
         print(table + f"\nevaluate: wrote {args.out}/study.md and study.png")
         return

@@ -306,6 +306,8 @@ def test_pipeline_end_to_end_with_a_tiny_budget(tmp_path):
     table = evaluate.study_table([str(results), str(results)], str(tmp_path / "agg"))
     assert len(table.splitlines()) == 4 + 12 and (tmp_path / "agg" / "study.png").exists()
     assert "| PPO w/ KL (KL-matched) | " in table and "+0.0 [+0.0, +0.0]" in table.splitlines()[4]  # itself: all ties
+    versus_sft = evaluate.study_table([str(results)], str(tmp_path / "agg"), versus="SFT")
+    assert [line for line in versus_sft.splitlines() if line.startswith("| SFT |")][0].count("+0.0 [+0.0, +0.0]") == 2
 
 
 def test_the_kl_matched_search_interpolates_eta_in_log_log(tmp_path):
