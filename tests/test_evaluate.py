@@ -296,15 +296,14 @@ def test_pipeline_end_to_end_with_a_tiny_budget(tmp_path):
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("skipped") == 11  # every stage's output exists
     # --study from the same SFT and RM: three groupings × two β_policy, the controls, GR-DPO, one evaluation
-    study = subprocess.run(cmd + ["--study"], cwd=ROOT, env={**env, "STUDY_BETAS": "0 1", "KL_MATCH_TRIES": "1"},
+    study = subprocess.run(cmd + ["--study"], cwd=ROOT, env={**env, "STUDY_BETAS": "1", "KL_MATCH_TRIES": "1"},
                            capture_output=True, text=True, timeout=600)
     assert study.returncode == 0, study.stdout[-3000:] + study.stderr[-3000:]
     results = tmp_path / "p" / "study" / "eval" / "results.json"
     names = [evaluate.parse_named(o)[0] for o in json.loads(results.read_text())["settings"]["opponents"]]
-    assert names == [f"GI ({g}) β {b}" for g in ("x,y", "x", "known") for b in (0, 1)] + [
-        "PPO w/ KL", "PPO (rank KL)", "DPO", "GR-DPO", "SFT"]
+    assert names == [f"GI ({g}) β 1" for g in ("x,y", "x", "known")] + ["PPO w/ KL", "PPO (rank KL)", "DPO", "GR-DPO", "SFT"]
     table = evaluate.study_table([str(results), str(results)], str(tmp_path / "agg"))
-    assert len(table.splitlines()) == 4 + 12 and (tmp_path / "agg" / "study.png").exists()
+    assert len(table.splitlines()) == 4 + 9 and (tmp_path / "agg" / "study.png").exists()
     assert "| PPO w/ KL (KL-matched) | " in table and "+0.0 [+0.0, +0.0]" in table.splitlines()[4]  # itself: all ties
     versus_sft = evaluate.study_table([str(results)], str(tmp_path / "agg"), versus="SFT")
     assert [line for line in versus_sft.splitlines() if line.startswith("| SFT |")][0].count("+0.0 [+0.0, +0.0]") == 2

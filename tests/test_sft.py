@@ -1,4 +1,3 @@
-import math
 import os
 
 import pytest
@@ -123,21 +122,15 @@ def test_bad_batch_flags_are_named(capsys):
 
 @needs_shared
 @needs_smollm2
-def test_real_model_smollm2_sft_steps_on_hh_rlhf(tmp_path):
+def test_smollm2_renders_hh_prompts_through_its_chat_template():
+    """SmolLM2's tokenizer: pad ≠ EOS, an HH prompt in its chat format, the response closed by EOS
+    (its training is tests/test_real_pipeline.py's)."""
     tok = plumbing.load_tokenizer("smollm2")
     assert tok.pad_token_id != tok.eos_token_id
-    pair = data.load_pairs(shared("data", "hh-rlhf", "helpful-base", "test.jsonl.gz"), "test[:1]")[0]
+    pair = data.load_pairs(shared("data", "hh-rlhf", "helpful-base", "test.jsonl.gz"), "all[:1]")[0]
     p, r = plumbing.encode(tok, pair["prompt"], pair["chosen"], max_len=512)
     assert "<|im_start|>user" in tok.decode(p) and tok.decode(p).endswith("<|im_start|>assistant\n")
     assert r[-1] == tok.eos_token_id
-    out = str(tmp_path / "smol")
-    sft.main(sft.parser.parse_args(["--model", "smollm2", "--data", shared("data", "hh-rlhf", "helpful-base"),
-                                    "--split", "test[:8]", "--eval_split", "test[8:12]", "--out", out, "--steps", "2",
-                                    "--batch_size", "4", "--grad_accum", "2", "--lr", "1e-5", "--max_len", "96",
-                                    "--save_every", "0", "--log_every", "1", "--gold_prompts", "0"]))
-    log = read_metrics(os.path.join(out, "metrics.jsonl"))
-    losses = [r["train/loss"] for r in log if "train/loss" in r] + [log[-1]["eval/loss"]]
-    assert len(losses) == 3 and all(math.isfinite(x) and 0 < x < 20 for x in losses)
 
 
 def test_gpt2_loads_with_the_fused_gelu_and_the_same_logits(tmp_path, tiny_tokenizer):
