@@ -34,6 +34,7 @@ Writes `--out` (default runs/gi_ppo): the policy (save_pretrained), critic/ (wit
 extra_heads.pt), rollouts.jsonl (the last iteration's samples), metrics.jsonl, checkpoints/step-N/.
 """
 import argparse
+import collections
 import math
 import os
 import time
@@ -504,6 +505,9 @@ def main(args):
     plumbing.lock_output(args.out, d)
     ckpt = plumbing.resume_from(args, parser, MAY_CHANGE_ON_RESUME)
     tokenizer = plumbing.load_tokenizer(args.sft)
+    if d.main:  # how many prompts --max_len − --max_new_tokens cuts (from the left)
+        cut = sum(len(plumbing.encode(tokenizer, x)[0]) > args.max_len - args.max_new_tokens for x in prompts)
+        plumbing.report_truncation("ppo_gi", collections.Counter(cut=cut), len(prompts), args.max_len, "prompts")
     # the reward models read the policy's token ids: the same tokenizer, or stop here
     plumbing.check_same_tokenizer({"--sft": tokenizer, **{f"--{k}": plumbing.load_tokenizer(getattr(args, k))
                                                           for k in ("reward", "judge_reward") if getattr(args, k) not in (None, "gold")}})

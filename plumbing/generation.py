@@ -35,8 +35,9 @@ def encode(tokenizer, prompt, response=None, max_len=512, max_prompt_len=None, c
 def report_truncation(stage, counts, n, max_len, what="examples"):
     """One line on what --max_len cut (from encode's counts), and a warning when it is much."""
     shares = {k: counts[k] / max(n, 1) for k in ("cut", "lost_eos", "identical")}
-    line = (f"{stage}: at --max_len {max_len}, {100 * shares['cut']:.1f}% of {n} {what} cut, "
-            f"{100 * shares['lost_eos']:.1f}% lost their EOS")
+    line = f"{stage}: at --max_len {max_len}, {100 * shares['cut']:.1f}% of {n} {what} cut"
+    if what != "prompts":  # a prompt has no EOS to lose
+        line += f", {100 * shares['lost_eos']:.1f}% lost their EOS"
     if counts["identical"]:
         line += f", {counts['identical']} made identical (dropped)"
     if shares["cut"] > 0.1 or shares["lost_eos"] > 0.05:
