@@ -399,7 +399,8 @@ def run_table(dirs, last=10):
     """One row per ppo_gi.py run, from its metrics.jsonl: the judge's score of the sampled RL rollouts
     (gold, or the judge RM's with ppo_gi.py --judge_reward; judge_prefix) over the first and the last
     `last` iterations and its worst group, the proxy RM's score and the KL over the last iterations,
-    the largest KL, the smaller inferred group, and the final greedy test gold."""
+    the largest KL, the KL on each true group (kl/<group>), the smaller inferred group, and the final
+    greedy test gold."""
     rows_out, judges = [], []
     for run in dirs:
         with open(os.path.join(run, "ppo_args.json")) as f:
@@ -413,17 +414,19 @@ def run_table(dirs, last=10):
         by_group = {k[len(j) + 1:]: mean(k) for k in tail[-1] if k.startswith(f"{j}/") and k != f"{j}/mean"} if j else {}
         worst = min(by_group, key=by_group.get) if by_group else None
         sizes = [mean(k) for k in tail[-1] if k.startswith("groups/size_")]
+        kl_by_group = ", ".join(f"{k[3:]} {mean(k):.2f}" for k in sorted(tail[-1]) if k.startswith("kl/") and k != "kl/mean")
         greedy = [r["eval/gold_mean"] for r in rows if "eval/gold_mean" in r]
         cells = [os.path.normpath(run), "0" if a["no_gi"] else f"{a['beta_policy']:g}", "" if a["lr"] == 0 else f"{a['kl_coef']:g}",
                  f"{mean(f'{j}/mean', its[:last]):.3f}" if j else "", f"{mean(f'{j}/mean'):.3f}" if j else "",
                  f"{worst} {by_group[worst]:.3f}" if worst else "", f"{mean('objective/scores'):.2f}" if "objective/scores" in tail[-1] else "",
                  f"{mean('objective/kl'):.2f}",
-                 f"{max(r['objective/kl'] for r in its):.1f}", "" if a["no_gi"] else f"{min(sizes):.1f} of {a['rollout_batch']}",
+                 f"{max(r['objective/kl'] for r in its):.1f}", kl_by_group, "" if a["no_gi"] else f"{min(sizes):.1f} of {a['rollout_batch']}",
                  f"{greedy[-1]:.3f}" if greedy else ""]
         rows_out.append("| " + " | ".join(cells) + " |")
     judge = " / ".join(dict.fromkeys(judges)) or "gold"
     return "\n".join([f"| run | β_policy | η | RL {judge}, first {last} | RL {judge}, last {last} | worst group ({judge}) | proxy RM score "
-                      "| KL | max KL | smaller group | greedy test gold |", "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|", *rows_out]) + "\n"
+                      "| KL | max KL | KL by true group | smaller group | greedy test gold |",
+                      "|---|---:|---:|---:|---:|---|---:|---:|---:|---|---:|---:|", *rows_out]) + "\n"
 
 
 def run_kl(path, last=10, key="objective/kl"):

@@ -348,7 +348,8 @@ def _ppo_run(path, judge, slope, n=7, no_gi=False):
     groups = ("copy", "summary") if judge == "gold" else ("harmless", "helpful")
     rows = [{"step": 0, "train/loss": 1.0}] + [
         {"step": i, "objective/kl": 0.1 * i, "objective/scores": 1.0 + 0.5 * i, f"{judge}/mean": 0.5 + slope * i,
-         f"{judge}/{groups[0]}": 0.6, f"{judge}/{groups[1]}": 0.4 - 0.01 * i, "groups/size_0": 20.0 + i, "groups/size_1": 44.0 - i}
+         f"{judge}/{groups[0]}": 0.6, f"{judge}/{groups[1]}": 0.4 - 0.01 * i, "groups/size_0": 20.0 + i, "groups/size_1": 44.0 - i,
+         f"kl/{groups[0]}": 0.2 * i, f"kl/{groups[1]}": 0.05, "kl/mean": 0.1 * i}
         for i in range(1, n + 1)]
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
@@ -385,7 +386,9 @@ def test_run_table_reports_the_judge_and_the_proxy(tmp_path):
     assert "| RL judge RM, first 2 | RL judge RM, last 2 | worst group (judge RM) |" in table[0] and len(table) == 4
     # last 2 iterations (6, 7): judge 0.5 − 0.05·6.5, helpful 0.4 − 0.01·6.5; the first 2 (1, 2): 0.5 − 0.05·1.5
     assert table[2].split(" | ")[3:7] == ["0.425", "0.175", "helpful 0.335", "4.25"]
-    assert table[3].split(" | ")[1] == "0" and table[3].split(" | ")[9] == ""  # PPO: no GI, no inferred groups
+    assert table[3].split(" | ")[1] == "0" and table[3].split(" | ")[10] == ""  # PPO: no GI, no inferred groups
+    # the KL on each true group over the last 2 iterations (6, 7): 0.2·6.5 and 0.05; kl/mean is not a group
+    assert table[2].split(" | ")[9] == "harmless 1.30, helpful 0.05"
     # a run that logged no judge at all: empty judge cells, the proxy still there
     bare = tmp_path / "bare"
     _ppo_run(bare, "gold", 0.0)
