@@ -110,6 +110,7 @@ if [ "$DATA" = hh ]; then
   if [ "$PRESET" = cpu ]; then
     : "${HH_MAX_LEN:=160}" "${HH_NEW_TOKENS:=24}" "${HH_SFT_STEPS:=30}" "${HH_RM_STEPS:=30}" "${HH_JUDGE_STEPS:=60}" "${HH_DPO_STEPS:=30}"
     : "${HH_BATCH:=4}" "${HH_PPO_STEPS:=8}" "${HH_ROLLOUT:=8}" "${HH_EVAL_PROMPTS:=32}" "${HH_STATS_PAIRS:=64}"
+    : "${HH_PPO_LR:=1e-5}"  # eight updates only: a smaller step leaves the policy where it was (RESULTS.md)
   else
     # one GPU, ≤ 30 min by bench/gpu_check.py's H100 rates at 135M (RESULTS.md): not yet run on a GPU
     : "${HH_MAX_LEN:=512}" "${HH_NEW_TOKENS:=128}" "${HH_SFT_STEPS:=600}" "${HH_RM_STEPS:=150}" "${HH_JUDGE_STEPS:=300}" "${HH_DPO_STEPS:=200}"
