@@ -122,7 +122,7 @@ def test_gold_judge_scores_the_ideal_response_of_every_prompt_1(split):
     assert len(scores) > 0 and min(scores) == 1.0
 
 
-DOCUMENTED_GOLD_AGREEMENT = {"copy": (0.85, 0.93), "lookup": (0.94, 1.0), "harmful": (0.90, 0.97), "summary": (0.45, 0.65)}  # README
+DOCUMENTED_GOLD_AGREEMENT = {"copy": (0.85, 0.93), "lookup": (0.94, 1.0), "harmful": (0.90, 0.97), "summary": (0.45, 0.65)}  # docs/TOY_TASK.md, "Preference pairs"
 
 
 def _by_group(records):
