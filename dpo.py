@@ -116,8 +116,7 @@ def main(args):
     first = state["step"]
     train_ex, train = reward.tokenize_pairs(tokenizer, train, args.max_len, report="dpo")
     heldout_ex, _ = reward.tokenize_pairs(tokenizer, heldout[:1000], args.max_len)
-    log = plumbing.MetricsLog(os.path.join(args.out, "metrics.jsonl"), d, resume_at=state.get("log_bytes"),
-                              report_to=args.report_to, resume_step=state["step"])
+    log = plumbing.MetricsLog(os.path.join(args.out, "metrics.jsonl"), d, state, report_to=args.report_to)
     if d.main:
         print(f"dpo: {args.sft} on {args.data}: {len(train_ex)} train / {len(heldout_ex)} held-out pairs, "
               f"beta {args.beta}, {d.world} process(es), steps {first}..{args.steps}")

@@ -429,9 +429,9 @@ def run_table(dirs, last=10):
                       "|---|---:|---:|---:|---:|---|---:|---:|---:|---|---:|---:|", *rows_out]) + "\n"
 
 
-def run_kl(path, last=10, key="objective/kl"):
-    """A ppo_gi.py run's mean KL from π^SFT (or another logged `key`, e.g. gold/mean) over its last
-    `last` iterations, on its RL prompts; None for a model that logged none (SFT, DPO)."""
+def last_mean(path, last=10, key="objective/kl"):
+    """The mean of a ppo_gi.py run's logged `key` over its last `last` iterations, on its RL prompts:
+    by default its KL from π^SFT (gold/mean: its RL gold); None for a model that logged none (SFT, DPO)."""
     rows = [r for r in training_log(path) if key in r]
     return float(np.mean([r[key] for r in rows[-last:]])) if rows else None
 
@@ -440,11 +440,11 @@ def match_kl(target, candidates, tolerance=0.1):
     """The KL-matched control: 'match DIR' for the first candidate PPO run whose KL is within
     `tolerance` of the target run's, else 'next ETA CLOSEST' with η interpolated in log η – log KL
     between the candidates nearest the target (KL falls as η grows; one candidate: KL ∝ 1/η)."""
-    goal = max(run_kl(target) or 0.0, 1e-6)  # (k1 KL can be ≤ 0 at a large η: the log needs it positive)
+    goal = max(last_mean(target) or 0.0, 1e-6)  # (k1 KL can be ≤ 0 at a large η: the log needs it positive)
     runs = []
     for c in candidates:
         with open(os.path.join(c, "ppo_args.json")) as f:
-            runs.append((json.load(f)["kl_coef"], max(run_kl(c) or 0.0, 1e-6), os.path.normpath(c)))
+            runs.append((json.load(f)["kl_coef"], max(last_mean(c) or 0.0, 1e-6), os.path.normpath(c)))
     runs.sort(key=lambda r: abs(math.log(r[1] / goal)))
     for eta, kl, path in runs:
         if abs(kl - goal) <= tolerance * goal:
@@ -495,7 +495,7 @@ def study_table(paths, out, reps=2000, versus=None):
     for name in names:
         cells = []
         for key in ("objective/kl", "gold/mean"):
-            logged = [k for k in (run_kl(d[name], key=key) for d in dirs) if k is not None]
+            logged = [k for k in (last_mean(d[name], key=key) for d in dirs) if k is not None]
             cells.append(ms(logged) if logged else "")
         for s in splits:
             gs = summary[name, s]

@@ -114,13 +114,13 @@ if [ "$DATA" = hh ]; then
   else
     # one GPU, ≤ 30 min by bench/gpu_check.py's H100 rates at 135M (RESULTS.md): not yet run on a GPU
     : "${HH_MAX_LEN:=512}" "${HH_NEW_TOKENS:=128}" "${HH_SFT_STEPS:=600}" "${HH_RM_STEPS:=150}" "${HH_JUDGE_STEPS:=300}" "${HH_DPO_STEPS:=200}"
-    : "${HH_BATCH:=32}" "${HH_PPO_STEPS:=60}" "${HH_ROLLOUT:=64}" "${HH_EVAL_PROMPTS:=400}" "${HH_STATS_PAIRS:=1024}"
+    : "${HH_BATCH:=32}" "${HH_PPO_STEPS:=60}" "${HH_ROLLOUT:=64}" "${HH_EVAL_PROMPTS:=400}" "${HH_STATS_PAIRS:=1024}" "${HH_PPO_LR:=1e-6}"
   fi
   if [ "$TINY" = 1 ]; then
     HH_SFT_STEPS=2 HH_RM_STEPS=2 HH_JUDGE_STEPS=2 HH_DPO_STEPS=2 HH_BATCH=2 HH_PPO_STEPS=1 HH_ROLLOUT=2 HH_EVAL_PROMPTS=2
     HH_STATS_PAIRS=4 HH_MAX_LEN=96 HH_NEW_TOKENS=8
   fi
-  : "${HH_SFT_LR:=1e-5}" "${HH_RM_LR:=1e-5}" "${HH_DPO_LR:=5e-7}" "${HH_PPO_LR:=1e-6}" "${HH_CRITIC_LR:=5e-6}" "${HH_ETA:=0.1}"
+  : "${HH_SFT_LR:=1e-5}" "${HH_RM_LR:=1e-5}" "${HH_DPO_LR:=5e-7}" "${HH_CRITIC_LR:=5e-6}" "${HH_ETA:=0.1}"
   : "${HH_BETA_POLICY:=$BETA_POLICY}"
   echo "== real data: $HH, policy $MODEL, preset $PRESET (--tiny: $TINY), into $OUT"
   TRAIN=(--data "$HH" --max_len "$HH_MAX_LEN" --batch_size "$HH_BATCH" --save_every 0 --log_every 1 --seed "$SEED")

@@ -529,8 +529,7 @@ def main(args):
         state = plumbing.load_optimizer_state(ckpt, models, optimizers, d)
         running.__dict__.update(state["running"])
     first = state["step"]
-    log = plumbing.MetricsLog(os.path.join(args.out, "metrics.jsonl"), d, resume_at=state.get("log_bytes"),
-                              report_to=args.report_to, resume_step=state["step"])
+    log = plumbing.MetricsLog(os.path.join(args.out, "metrics.jsonl"), d, state, report_to=args.report_to)
     if d.main:
         variant = "PPO" + (" w/o KL" if args.kl_coef == 0 else " w/ KL") if args.no_gi else \
             "GI-PPO" + (" (fixed KL)" if args.fixed_kl else "") + (" (β_policy = 0)" if args.beta_policy == 0 else "")

@@ -251,8 +251,7 @@ def main(args):
     first = state["step"]
     train_ex = tokenize_demos(tokenizer, train, args.max_len, report="sft")
     heldout_ex = tokenize_demos(tokenizer, heldout[:1000], args.max_len)
-    log = plumbing.MetricsLog(os.path.join(args.out, "metrics.jsonl"), d, resume_at=state.get("log_bytes"),
-                              report_to=args.report_to, resume_step=state["step"])
+    log = plumbing.MetricsLog(os.path.join(args.out, "metrics.jsonl"), d, state, report_to=args.report_to)
     if d.main:
         n_params = sum(p.numel() for p in model.parameters()) * d.world
         print(f"sft: {args.model} (~{n_params / 1e6:.1f}M params) on {args.data}: {len(train_ex)} train / "

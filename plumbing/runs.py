@@ -231,11 +231,13 @@ def write_jsonl(path, rows):
 
 class MetricsLog:
     """JSON lines, one per logged step, written by rank 0 only, and the same scalars to TensorBoard
-    with report_to="tensorboard" (an optional package). On resume the file is first cut back to its
-    length when the checkpoint was saved (`resume_at`, from tell()): rows logged after the
-    checkpoint, by the run that died, are logged again by the resumed run, not twice."""
+    with report_to="tensorboard" (an optional package). `state`: the checkpoint's trainer state on
+    resume (None for a new run). The file is then first cut back to its length when the checkpoint
+    was saved (state["log_bytes"], from tell()): rows logged after the checkpoint, by the run that
+    died, are logged again by the resumed run, not twice."""
 
-    def __init__(self, path, d, resume_at=None, report_to="none", resume_step=0):
+    def __init__(self, path, d, state=None, report_to="none"):
+        resume_at, resume_step = (state or {}).get("log_bytes"), (state or {}).get("step", 0)
         self.file, self.board = None, None
         if d.main:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
