@@ -21,10 +21,10 @@ A real (non-toy) source means all its records: a file whole, every *.jsonl[.gz] 
 directory and its sub-folders (sorted by path), every split of a hub dataset. `split` is a split
 name with an optional integer slice, e.g. "test" or "test[:64]":
     all                        every usable record, in file order
-    train / rl / judge / test  carved by `carve_splits`: within each group, the prompts in the order
-                               of the sha256 of their text, cut at 45% / 20% / 20% / 15%
-                               (SPLIT_FRACTIONS). All records of a prompt share a split, and a split
-                               interleaves the groups in proportion, so "test[:200]" samples each.
+    train / rl / judge / test  carved by `carve_splits`: a prompt's split is set by the sha256 of
+                               its text alone, at 45% / 20% / 20% / 15% (SPLIT_FRACTIONS), so no
+                               flag (group_by) moves it; all records of a prompt share a split, and
+                               a split interleaves the groups, so "test[:200]" samples each.
     valid1 / valid2            summarize-from-feedback rows whose own `split` field says so
 OpenAI's protocol holds: a summarize-from-feedback prompt with a valid1/valid2 comparison is carved
 into rl / judge / test only (20:20:15), never train; the shared TL;DR batches hold no OpenAI train
@@ -466,7 +466,7 @@ def _pair_from_record(rec, where, subset=None, group_by=None, need_group=False):
             return None, "chosen and rejected differ before the last Assistant turn"
         pair = {"prompt": prompt, "chosen": response, "rejected": rejected[len(prompt):]}
         if subset in HH_SUBSETS:
-            group = HH_SUBSETS[subset] if group_by == "harm" else subset
+            group = subset
     responses = [r for r in (pair["chosen"], pair["rejected"]) if r is not None]  # a demo has no rejected, a prompt neither
     if any(not r.strip() for r in responses):
         return None, "empty response"
@@ -476,6 +476,9 @@ def _pair_from_record(rec, where, subset=None, group_by=None, need_group=False):
         group = rec["group"]
         if not isinstance(group, str) or not group.strip():
             raise DataError(f"{where}: 'group' is {_show(group)}, expected a non-empty label")
+    elif group in HH_SUBSETS and group_by == "harm":
+        pair["_stratum"] = group  # carve_splits orders by the unfolded subset, whatever group_by says
+        group = HH_SUBSETS[group]
     if group:
         pair["group"] = group
     elif need_group:
@@ -539,35 +542,38 @@ def _hub_records(hub_id, group_by, need_group):
 
 def carve_splits(records):
     """{train, rl, judge, test: records}, a partition of `records` by prompt (see the module docstring).
-    Stratified by group: within each group (the group of a prompt's first record) the prompts, in
-    the order of the sha256 of their text, are cut at SPLIT_FRACTIONS; a prompt with an OpenAI
-    valid1/valid2 comparison is cut among rl / judge / test only. Each split interleaves the groups
-    in proportion: its records in the order of their prompt's place within its group's slice."""
-    digest, stratum = {}, {}
+    A prompt's split is a function of its text alone: u, the first 64 bits of its sha256 as a number
+    in [0, 1), falls between the cumulative SPLIT_FRACTIONS of one split (a prompt with an OpenAI
+    valid1/valid2 comparison: of rl / judge / test, renormalized). No flag (group_by), no other
+    record and no file it came from moves it, so the splits of any two loads are disjoint. Each
+    split interleaves the groups in proportion: its records in the order of their prompt's place
+    among the split's prompts of the same source group (the HH subset before any folding)."""
+    u, stratum = {}, {}
     for r in records:
         p = r["prompt"]
-        if p not in digest:  # sha256, not hash(): the same on every process and every run
-            digest[p] = hashlib.sha256(p.encode("utf-8", "surrogatepass")).hexdigest()
-            stratum[p] = (r.get("group"), False)
-        if r.get("_split") in OPENAI_VALID:
-            stratum[p] = (stratum[p][0], True)
-    by_stratum = collections.defaultdict(list)
-    for p, s in stratum.items():
-        by_stratum[s].append(p)
-    where, place = {}, {}
-    for (_, validation), prompts in by_stratum.items():
+        if p not in u:  # sha256, not hash(): the same on every process and every run
+            u[p] = int(hashlib.sha256(p.encode("utf-8", "surrogatepass")).hexdigest()[:16], 16) / 16 ** 16
+            stratum[p] = [r.get("_stratum", r.get("group")), False]
+        stratum[p][1] |= r.get("_split") in OPENAI_VALID
+    where = {}
+    for p, (_, validation) in stratum.items():
         names = [n for n in SPLIT_FRACTIONS if not (validation and n == "train")]
-        total, cum, start = sum(SPLIT_FRACTIONS[n] for n in names), 0.0, 0
-        prompts.sort(key=digest.get)
+        total, cum = sum(SPLIT_FRACTIONS[n] for n in names), 0.0
         for n in names:
-            cum += SPLIT_FRACTIONS[n]
-            end = round(len(prompts) * cum / total)
-            for i, p in enumerate(prompts[start:end]):
-                where[p], place[p] = n, (i + 0.5) / (end - start)  # its place in its stratum's slice
-            start = end
+            cum += SPLIT_FRACTIONS[n] / total
+            if u[p] < cum or n == names[-1]:
+                where[p] = n
+                break
+    by_slice = collections.defaultdict(list)  # (split, source group) -> its prompts
+    for p in u:
+        by_slice[where[p], stratum[p][0]].append(p)
+    place = {}
+    for prompts in by_slice.values():
+        prompts.sort(key=u.get)
+        place.update({p: (i + 0.5) / len(prompts) for i, p in enumerate(prompts)})
     out = {n: [] for n in SPLIT_FRACTIONS}
-    # by place, not by hash (which would put each group's cut point first): any head has every group in its share
-    for _, r in sorted(enumerate(records), key=lambda ir: (place[ir[1]["prompt"]], digest[ir[1]["prompt"]], ir[0])):
+    # by place, not by u (which would put each group's lowest u first): any head has every group in its share
+    for _, r in sorted(enumerate(records), key=lambda ir: (place[ir[1]["prompt"]], u[ir[1]["prompt"]], ir[0])):
         out[where[r["prompt"]]].append(r)
     return out
 
@@ -598,7 +604,7 @@ def _load_records(spec, split, group_by=None, need_group=False):
         records = carve_splits(records)[name]
     elif name in OPENAI_VALID:
         records = [r for r in records if r.get("_split") == name]
-    records = [{k: v for k, v in r.items() if k != "_split"} for r in records][cut]
+    records = [{k: v for k, v in r.items() if k not in ("_split", "_stratum")} for r in records][cut]
     if not records and name == "train" and n_valid:
         raise DataError(f"{spec} [{split}]: empty: its {n_valid} comparisons are all OpenAI valid1/valid2, which never go to "
                         "train (they are carved into rl / judge / test); read them with 'all', 'valid1' or 'valid2'")

@@ -102,7 +102,7 @@ def _splits(spec, **kw):
 
 
 @needs_shared
-def test_hh_splits_partition_the_records_by_prompt_stratified_by_subset():
+def test_hh_splits_partition_the_records_by_prompt_with_every_subset_in_proportion():
     hh = shared("data", "hh-rlhf")
     every, splits = data.load_pairs(hh, "all"), _splits(hh)
     assert sum(len(x) for x in splits.values()) == len(every)
@@ -163,7 +163,8 @@ def test_openai_train_rows_alone_reach_our_train(tmp_path):
     assert splits["train"] and all(" train " in p["chosen"] for p in splits["train"])
     train_posts = {p["prompt"] for p in splits["train"]}
     assert not train_posts & {p["prompt"] for s in data.OPENAI_VALID for p in data.load_pairs(path, s)}
-    assert abs(len(splits["train"]) - 0.45 * 150) <= 3  # of the train-only posts; the others went to rl / judge / test
+    # of the 150 train-only posts about 45% (one draw per post: 67.5 ± 6.1); the others went to rl / judge / test
+    assert abs(len(splits["train"]) - 0.45 * 150) <= 18
     assert len(data.load_pairs(path, "valid1")) == 75 and len(data.load_pairs(path, "valid2")) == 75
     assert all("_split" not in p for x in splits.values() for p in x)
 
@@ -180,6 +181,26 @@ def test_train_and_heldout_carves_five_percent_of_a_real_split(tmp_path):
     rows = [{"prompt": f"\n\nHuman: q{i}\n\nAssistant:", "chosen": " a", "rejected": " b", "group": f"g{i % 2}"} for i in range(400)]
     path = _write_jsonl(tmp_path / "pairs.jsonl", rows)
     train, held = data.train_and_heldout(data.load_pairs, path, "train", seed=1, need_group=True)
-    assert len(train) + len(held) == len(data.load_pairs(path, "train")) == 180 and len(held) == 9
+    n = len(data.load_pairs(path, "train"))  # about 45% of 400 (one draw per prompt)
+    assert len(train) + len(held) == n and abs(n - 180) < 30 and len(held) == int(n * 0.05)
     train, held = data.train_and_heldout(data.load_pairs, path, "train", "test[:10]")
     assert len(held) == 10 and not {p["prompt"] for p in train} & {p["prompt"] for p in held}
+
+
+def test_a_prompts_split_is_the_same_for_every_group_by_and_every_loader(tmp_path):
+    """The four splits are disjoint across every --group_by and every loader (pairs, demos, prompts):
+    a prompt's split depends on its text alone. Three HH subsets, two of which fold into `helpful`
+    (when the carve was stratified by the folded group, 7 of these 450 prompts changed split)."""
+    for subset in ("harmless-base", "helpful-base", "helpful-online"):
+        (tmp_path / subset).mkdir()
+        _write_jsonl(tmp_path / subset / "test.jsonl", [
+            {"chosen": f"\n\nHuman: {subset} question {i}\n\nAssistant: yes", "rejected": f"\n\nHuman: {subset} question {i}\n\nAssistant: no"}
+            for i in range(150)])
+    where = {}  # prompt -> the splits it was found in, over every group_by and loader
+    for group_by in data.GROUP_BY:
+        for load in (data.load_pairs, data.load_demos, data.load_prompts):
+            for s in data.SPLIT_FRACTIONS:
+                for x in load(str(tmp_path), s, group_by=group_by):
+                    where.setdefault(x["prompt"], set()).add(s)
+    assert len(where) == 450 and all(len(s) == 1 for s in where.values())
+    assert {p["group"] for p in data.load_prompts(str(tmp_path), "test", group_by="harm")} == {"harmless", "helpful"}
