@@ -55,11 +55,13 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta):
 
 def group_weights_step(alpha, group_losses, present, step_size):
     """GR-DPO's step on the group weights: exponentiated gradient ascent of Σ_g α_g·L_g on the simplex,
-    so weight moves to the groups whose loss is higher. A group absent from the batch (present 0)
-    keeps its weight before the renormalization."""
-    # α_g ← α_g·exp(η_α·L_g) / Σ_g' α_g'·exp(η_α·L_g')
-    alpha = alpha * torch.exp(step_size * group_losses * present)
-    return alpha / alpha.sum()
+    so weight moves to the groups whose loss is higher. Only the groups in the batch (present 1) have
+    a loss: they share the weight they held, and a group absent from the batch keeps its own (with
+    all present this is the plain step). Equal losses leave α where it was, whatever the group sizes."""
+    # for g in the batch B: α_g ← α_g·exp(η_α·L_g) / Σ_{g'∈B} α_g'·exp(η_α·L_g') · (1 − Σ_{g'∉B} α_g');  else α_g stays
+    moved = alpha * torch.exp(step_size * group_losses * present)
+    held = 1 - (alpha * (1 - present)).sum()
+    return torch.where(present > 0, moved / (moved * present).sum() * held, alpha)
 
 
 def pair_logprobs(model, examples, pad_id, device):

@@ -113,10 +113,22 @@ def test_gr_dpo_weights_move_to_the_group_with_the_higher_loss_by_hand():
     # α ∝ (0.5·e^0.5, 0.5·e^0.1) = (0.8244, 0.5526), normalized: (0.5987, 0.4013)
     assert alpha.tolist() == pytest.approx([math.exp(0.5) / (math.exp(0.5) + math.exp(0.1)), math.exp(0.1) / (math.exp(0.5) + math.exp(0.1))])
     assert alpha[0] > 0.5 > alpha[1]
-    # a group absent from the batch keeps its weight before renormalization: (0.25·e^0.3, 0.75·1) / sum
-    kept = dpo.group_weights_step(torch.tensor([0.25, 0.75], dtype=torch.float64), torch.tensor([0.6, 9.0], dtype=torch.float64),
-                                  torch.tensor([1.0, 0.0], dtype=torch.float64), 0.5)
-    assert kept.tolist() == pytest.approx([0.25 * math.exp(0.3) / (0.25 * math.exp(0.3) + 0.75), 0.75 / (0.25 * math.exp(0.3) + 0.75)])
+    # a group absent from the batch keeps its weight, the present ones share the rest: (0.2, 0.3·e^0.3, 0.5·e^0.1) → 0.8 in all
+    kept = dpo.group_weights_step(torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64), torch.tensor([9.0, 0.6, 0.2], dtype=torch.float64),
+                                  torch.tensor([0.0, 1.0, 1.0], dtype=torch.float64), 0.5)
+    z = 0.3 * math.exp(0.3) + 0.5 * math.exp(0.1)
+    assert kept.tolist() == pytest.approx([0.2, 0.8 * 0.3 * math.exp(0.3) / z, 0.8 * 0.5 * math.exp(0.1) / z])
+
+
+def test_gr_dpo_with_equal_losses_leaves_the_weights_uniform_whatever_the_group_sizes():
+    """A 1% group is absent from most batches; equal losses must not move weight to the majority
+    (before: its α fell from 0.5 to 0.005 in 80 steps)."""
+    rng = torch.Generator().manual_seed(0)
+    alpha = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    for _ in range(80):  # batches of 16 from a 99 : 1 population
+        counts = torch.bincount((torch.rand(16, generator=rng) < 0.01).long(), minlength=2).double()
+        alpha = dpo.group_weights_step(alpha, torch.full((2,), 0.69, dtype=torch.float64), (counts > 0).double(), 0.1)
+    assert alpha.tolist() == pytest.approx([0.5, 0.5], abs=1e-12)
 
 
 def test_gr_dpo_with_one_group_is_dpo_exactly_and_resumes(toy_sft_dir, tmp_path):
