@@ -103,7 +103,7 @@ def heldout_metrics(policy, reference, examples, pad_id, beta, d, batch_size=64)
 
 def main(args):
     plumbing.check_model_dir(args.sft, "--sft", "lm")
-    d, ckpt = sft.start(args, parser)
+    d, ckpt = sft.start(args, parser, {"--sft": args.sft})
     train, heldout = data.train_and_heldout(data.load_pairs, args.data, args.split, args.eval_split, seed=args.seed,
                                             group_by=args.group_by, need_group=args.group_robust)
     source = os.path.join(ckpt, "model") if ckpt else args.sft
@@ -126,8 +126,9 @@ def main(args):
     ref_table = None
     if args.precompute_ref:  # π_ref is frozen: over several epochs a step would recompute the same numbers
         t0 = time.perf_counter()
-        used = sorted({i for step in range(first, args.steps)  # only the pairs this run will train on, each once
-                       for i in plumbing.batch_indices(step, args.batch_size, len(train_ex), args.seed)})
+        # the pairs the whole run trains on, each once (from step 0 even when resuming: the same batches of
+        # the same lengths, so a resumed run's numbers are the uninterrupted run's exactly)
+        used = sorted({i for step in range(args.steps) for i in plumbing.batch_indices(step, args.batch_size, len(train_ex), args.seed)})
         reference.eval()
         scores = reward.pair_scores(lambda chunk: torch.cat(pair_logprobs(reference, chunk, tokenizer.pad_token_id, d.device)),
                                     [train_ex[i] for i in used], d, batch_size=args.batch_size // (d.world * args.grad_accum))

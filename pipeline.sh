@@ -36,8 +36,25 @@
 # folded into harmless / helpful as the groups) → ppo_shuffled → evaluate (Win / Tie / Lose by the
 # judge RM, per group, and out of domain on OOD_DATA, default the PKU-SafeRLHF slice beside the clone).
 # --preset cpu (the default) fits a 2-core CPU; --preset gpu is SmolLM2-135M for one GPU; --tiny runs
-# a few steps of sft, the two RMs, GI-PPO with the known groups and evaluate (a smoke test of the
-# plumbing). Every budget is an HH_* variable.
+# every stage (SFT, both RMs, DPO, the seven PPO variants, evaluate) for one or two steps, into its own
+# folder (a smoke test of the plumbing). Every budget is an HH_* variable.
+#
+# A stage is skipped when its output exists and was made by the same command (its arguments are kept
+# in pipeline_args.txt beside the output); made by another command, the pipeline stops and shows the
+# arguments that differ. --force reruns it: an earlier or unfinished output is moved to OUT/replaced/,
+# never deleted.
+#
+# Environment knobs (default), built-in task: SFT_STEPS (400), RM_STEPS (150), DPO_STEPS (100),
+# PPO_STEPS (40), PPO_BATCH (64), PPO_LR (6e-5), EVAL_PROMPTS (200), ETA (0.5), ETA_PPO_KL (0.5),
+# BETA_POLICY (0.1), HELDOUT_PAIRS (test), STATS_PAIRS (1024); --sweep: SWEEP_ETAS (0.05 0.2 0.5),
+# SWEEP_BETAS (0.1 0.3 1), SWEEP_REFERENCE (1); --study: STUDY_BETAS (0 0.1 0.3 1 3 10),
+# KL_MATCH_TRIES (4). --data hh (cpu preset / gpu preset): HH_DATA, OOD_DATA, HH_MAX_LEN (160 / 512),
+# HH_NEW_TOKENS (24 / 128), HH_SFT_STEPS (30 / 600), HH_RM_STEPS (30 / 150), HH_JUDGE_STEPS (60 / 300),
+# HH_DPO_STEPS (30 / 200), HH_BATCH (4 / 32), HH_PPO_STEPS (8 / 60), HH_ROLLOUT (8 / 64),
+# HH_EVAL_PROMPTS (32 / 400), HH_STATS_PAIRS (64 / 1024), HH_HELDOUT_PAIRS (200: the test pairs
+# each RM's accuracy is measured on), HH_PPO_LR (1e-5 / 1e-6), HH_SFT_LR (1e-5), HH_RM_LR (1e-5),
+# HH_DPO_LR (5e-7), HH_CRITIC_LR (5e-6), HH_ETA (0.1), HH_BETA_POLICY (BETA_POLICY). PYTHON: the
+# interpreter (python).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -54,13 +71,13 @@ while [ $# -gt 0 ]; do
     --model) MODEL="$2"; shift 2 ;;
     --preset) PRESET="$2"; shift 2 ;;
     --tiny) TINY=1; shift ;;
-    -h|--help) sed -n '2,/^set /p' "$0" | sed '$d'; exit 0 ;;
+    -h|--help) sed -n '2,/^set /p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "pipeline.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
 case "$DATA" in toy|hh) ;; *) echo "pipeline.sh: --data $DATA: choose toy or hh" >&2; exit 2 ;; esac
 case "$PRESET" in cpu|gpu) ;; *) echo "pipeline.sh: --preset $PRESET: choose cpu or gpu" >&2; exit 2 ;; esac
-if [ "$DATA" = hh ]; then OUT="${OUT:-runs/pipeline-s$SEED-hh-$PRESET}"; else OUT="${OUT:-runs/pipeline-s$SEED}"; fi
+if [ "$DATA" = hh ]; then OUT="${OUT:-runs/pipeline-s$SEED-hh-$PRESET$([ "$TINY" = 1 ] && echo -tiny)}"; else OUT="${OUT:-runs/pipeline-s$SEED}"; fi
 SFT_STEPS="${SFT_STEPS:-400}"        # SFT steps: short of convergence, so RL has room to improve on SFT
 RM_STEPS="${RM_STEPS:-150}"          # reward-model steps
 DPO_STEPS="${DPO_STEPS:-100}"        # DPO steps
@@ -88,16 +105,31 @@ fi
 
 START=$(date +%s)
 RAN=0
-stage() {  # stage NAME DONE_FILE COMMAND...: run unless DONE_FILE exists (or --force); RAN says which
+stage() {  # stage NAME DONE_FILE COMMAND...: run unless DONE_FILE exists from the same arguments (or --force); RAN says which
   local name="$1" done_file="$2"; shift 2
+  local dir record args
+  dir=$(dirname "$done_file") record="$(dirname "$done_file")/pipeline_args.txt" args=$(printf '%s\n' "${@:2}")  # the interpreter aside
   if [ "$FORCE" = 0 ] && [ -e "$done_file" ]; then
-    echo "== $name: $done_file exists, skipped (--force reruns it)"
-    RAN=0
-    return
+    if [ -f "$record" ] && [ "$(cat "$record")" = "$args" ]; then
+      echo "== $name: $done_file exists, made by this command: skipped (--force reruns it)"
+      RAN=0
+      return
+    fi
+    echo "pipeline.sh: $name: $dir was made by another command than this one (other budgets or flags):" >&2
+    diff <([ -f "$record" ] && cat "$record" || echo "(no $record: not made by pipeline.sh)") <(echo "$args") | grep '^[<>]' \
+      | sed 's/^</  made with:/; s/^>/  this run: /' >&2
+    echo "pipeline.sh: rerun it with --force (the earlier output is moved to $OUT/replaced/), or choose another --out" >&2
+    exit 1
+  fi
+  if [ -d "$dir" ] && [ -n "$(ls -A "$dir")" ]; then  # an unfinished or replaced output: set aside, never deleted
+    local aside; aside="$OUT/replaced/${dir#"$OUT"/}-$(date +%Y%m%d-%H%M%S)"
+    mkdir -p "$(dirname "$aside")" && mv "$dir" "$aside"
+    echo "== $name: the earlier $dir moved to $aside"
   fi
   echo "== $name"
   local t0; t0=$(date +%s)
   "$@"
+  echo "$args" > "$record"
   echo "== $name: $(( $(date +%s) - t0 )) s"
   RAN=1
 }
@@ -116,9 +148,10 @@ if [ "$DATA" = hh ]; then
     : "${HH_MAX_LEN:=512}" "${HH_NEW_TOKENS:=128}" "${HH_SFT_STEPS:=600}" "${HH_RM_STEPS:=150}" "${HH_JUDGE_STEPS:=300}" "${HH_DPO_STEPS:=200}"
     : "${HH_BATCH:=32}" "${HH_PPO_STEPS:=60}" "${HH_ROLLOUT:=64}" "${HH_EVAL_PROMPTS:=400}" "${HH_STATS_PAIRS:=1024}" "${HH_PPO_LR:=1e-6}"
   fi
+  : "${HH_HELDOUT_PAIRS:=200}"  # test pairs each RM's held-out accuracy is measured on at the end
   if [ "$TINY" = 1 ]; then
     HH_SFT_STEPS=2 HH_RM_STEPS=2 HH_JUDGE_STEPS=2 HH_DPO_STEPS=2 HH_BATCH=2 HH_PPO_STEPS=1 HH_ROLLOUT=2 HH_EVAL_PROMPTS=2
-    HH_STATS_PAIRS=4 HH_MAX_LEN=96 HH_NEW_TOKENS=8
+    HH_STATS_PAIRS=4 HH_MAX_LEN=96 HH_NEW_TOKENS=8 HH_HELDOUT_PAIRS=4
   fi
   : "${HH_SFT_LR:=1e-5}" "${HH_RM_LR:=1e-5}" "${HH_DPO_LR:=5e-7}" "${HH_CRITIC_LR:=5e-6}" "${HH_ETA:=0.1}"
   : "${HH_BETA_POLICY:=$BETA_POLICY}"
@@ -129,15 +162,14 @@ if [ "$DATA" = hh ]; then
     --lr "$HH_SFT_LR" --warmup 2 --gold_prompts 0 --out "$OUT/sft"
   for rm in reward:train:"$HH_RM_STEPS" judge_rm:judge:"$HH_JUDGE_STEPS"; do  # the proxy RM, and the judge RM on its own split
     IFS=: read -r name split steps <<< "$rm"
-    stage "$name" "$OUT/$name/config.json" "$PY" reward.py --sft "$OUT/sft" "${TRAIN[@]}" "${HELD[@]}" --split "$split" \
-      --steps "$steps" --lr "$HH_RM_LR" --warmup 2 --stats_pairs "$HH_STATS_PAIRS" --out "$OUT/$name"
+    stage "$name" "$OUT/$name/config.json" "$PY" reward.py --sft "$OUT/sft" "${TRAIN[@]}" --split "$split" --steps "$steps" \
+      --lr "$HH_RM_LR" --warmup 2 --stats_pairs "$HH_STATS_PAIRS" --eval_split "test[:$HH_HELDOUT_PAIRS]" --eval_every 1000000 --out "$OUT/$name"
   done
-  [ "$TINY" = 0 ] && stage dpo "$OUT/dpo/config.json" "$PY" dpo.py --sft "$OUT/sft" "${TRAIN[@]}" "${HELD[@]}" --split train \
+  stage dpo "$OUT/dpo/config.json" "$PY" dpo.py --sft "$OUT/sft" "${TRAIN[@]}" "${HELD[@]}" --split train \
     --steps "$HH_DPO_STEPS" --lr "$HH_DPO_LR" --warmup 2 --gold_prompts 0 --out "$OUT/dpo"
-  OPPONENTS=("SFT=$OUT/sft") && [ "$TINY" = 0 ] && OPPONENTS+=("DPO=$OUT/dpo")
-  hh_ppo() {  # hh_ppo NAME LABEL FLAGS...: one ppo_gi.py variant on the rl split, the judge RM watching (--tiny: gi_known only)
+  OPPONENTS=("SFT=$OUT/sft" "DPO=$OUT/dpo")
+  hh_ppo() {  # hh_ppo NAME LABEL FLAGS...: one ppo_gi.py variant on the rl split, the judge RM watching
     local name="$1" label="$2"; shift 2
-    [ "$TINY" = 1 ] && [ "$name" != gi_known ] && return
     [ "$name" != gi_ppo ] && OPPONENTS+=("$label=$OUT/$name")
     stage "$name" "$OUT/$name/config.json" "$PY" ppo_gi.py --sft "$OUT/sft" --reward "$OUT/reward" --judge_reward "$OUT/judge_rm" \
       --data "$HH" --split rl --group_by harm --steps "$HH_PPO_STEPS" --rollout_batch "$HH_ROLLOUT" --batch_size "$HH_ROLLOUT" \
@@ -152,11 +184,17 @@ if [ "$DATA" = hh ]; then
   # with known groups no φ can isolate an outlier: no floor n_min, so a minority group's R_g is its mean
   hh_ppo gi_known "GI-PPO (known groups)" --groups known --min_group_frac 0 --kl_coef "$HH_ETA" --beta_policy "$HH_BETA_POLICY"
   hh_ppo ppo_shuffled "PPO (shuffled)" --no_gi --kl_coef "$HH_ETA" --shuffle_rewards
-  MODEL_ARG="GI-PPO=$OUT/gi_ppo" && [ "$TINY" = 1 ] && MODEL_ARG="GI-PPO (known groups)=$OUT/gi_known" && OPPONENTS=("SFT=$OUT/sft")
-  stage evaluate "$OUT/eval/results.json" "$PY" evaluate.py --data "$HH" --group_by harm --model "$MODEL_ARG" --opponents "${OPPONENTS[@]}" \
+  stage evaluate "$OUT/eval/results.json" "$PY" evaluate.py --data "$HH" --group_by harm --model "GI-PPO=$OUT/gi_ppo" --opponents "${OPPONENTS[@]}" \
     --reward "$OUT/judge_rm" --judges rm --n_prompts "$HH_EVAL_PROMPTS" --max_len "$HH_MAX_LEN" --max_new_tokens "$HH_NEW_TOKENS" \
     --seed "$SEED" --out "$OUT/eval" ${OOD:+--ood_data "$OOD"}
   [ "$RAN" = 0 ] && cat "$OUT/eval/table.md"
+  for rm in reward judge_rm; do  # each RM's held-out accuracy, the last its run logged (on test[:HH_HELDOUT_PAIRS])
+    "$PY" - "$OUT/$rm/metrics.jsonl" "$rm" <<'EOF'
+import json, sys
+row = [r for r in map(json.loads, open(sys.argv[1])) if "eval/accuracy" in r][-1]
+print(f"== {sys.argv[2]}: held-out accuracy {row['eval/accuracy']:.3f} on the test pairs")
+EOF
+  done
   echo "== pipeline (hh): $(( $(date +%s) - START )) s in all; results in $OUT/eval"
   exit 0
 fi

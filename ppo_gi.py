@@ -502,8 +502,8 @@ def main(args):
             parser.error(f"--groups known: {args.data} [{args.split}] has one group label ({names[0]}); GI-PPO needs at least 2")
         args.n_groups = len(names)
         labels = torch.tensor([names.index(x["group"]) for x in records])
-    plumbing.lock_output(args.out, d)
-    ckpt = plumbing.resume_from(args, parser, MAY_CHANGE_ON_RESUME)
+    ckpt = plumbing.start_run(args, parser, d, MAY_CHANGE_ON_RESUME,
+                              {"--sft": args.sft, "--reward": args.reward, "--judge_reward": args.judge_reward})
     tokenizer = plumbing.load_tokenizer(args.sft)
     if d.main:  # how many prompts --max_len − --max_new_tokens cuts (from the left)
         cut = sum(len(plumbing.encode(tokenizer, x)[0]) > args.max_len - args.max_new_tokens for x in prompts)
@@ -515,6 +515,8 @@ def main(args):
     reference = plumbing.load_model(args.sft, tokenizer, dtype=plumbing.frozen_dtype(d))
     critic_source = os.path.join(ckpt, "critic") if ckpt else (args.sft if args.reward == "gold" else args.reward)
     critic = groups.load_critic(critic_source, tokenizer, args.n_groups, seed=args.seed)
+    # φ takes no step without the group term or with known groups: its head is frozen (no optimizer state to save)
+    critic.group_head.requires_grad_(not args.no_gi and args.groups == "inferred")
     # dropout off everywhere (PPO_DETAILS 1): every model stays in eval mode, gradients still flow
     for model in (policy, reference, critic):
         plumbing.shard(model.eval(), d, bf16=bf16, checkpointing=args.gradient_checkpointing and model is not reference)

@@ -194,7 +194,7 @@ def heldout_metrics(model, examples, pairs, pad_id, d):
 
 def main(args):
     plumbing.check_model_dir(args.sft, "--sft", "lm")
-    d, ckpt = sft.start(args, parser)
+    d, ckpt = sft.start(args, parser, {"--sft": args.sft})
     train, heldout = data.train_and_heldout(data.load_pairs, args.data, args.split, args.eval_split, seed=args.seed)
     source = os.path.join(ckpt, "model") if ckpt else args.sft
     tokenizer = plumbing.load_tokenizer(source)

@@ -149,15 +149,15 @@ def lr_at(step, total, warmup, peak):
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def start(args, parser):
-    """Process group, seeds, flag checks and the checkpoint to resume from (or None)."""
+def start(args, parser, inputs):
+    """Process group, seeds, flag checks, --out claimed and checked against `inputs` ({flag: path}),
+    and the checkpoint to resume from (or None)."""
     d = plumbing.init_distributed()
     if args.batch_size % (d.world * args.grad_accum):
         parser.error(f"--batch_size {args.batch_size} must divide evenly into {d.world} ranks x --grad_accum {args.grad_accum}")
     plumbing.seed_everything(args.seed)
     args.bf16 = bool(args.bf16) if args.bf16 is not None else d.device.type == "cuda"
-    plumbing.lock_output(args.out, d)
-    return d, plumbing.resume_from(args, parser, MAY_CHANGE_ON_RESUME)
+    return d, plumbing.start_run(args, parser, d, MAY_CHANGE_ON_RESUME, inputs)
 
 
 def resumed_state(ckpt, model, optimizer, d):
@@ -239,7 +239,7 @@ def supervised_loop(args, d, model, optimizer, tokenizer, examples, micro_loss, 
 
 def main(args):
     plumbing.check_model_dir(args.model, "--model", "lm")
-    d, ckpt = start(args, parser)
+    d, ckpt = start(args, parser, {"--model": args.model})
     train, heldout = data.train_and_heldout(data.load_demos, args.data, args.split, args.eval_split, seed=args.seed)
 
     source = os.path.join(ckpt, "model") if ckpt else args.model

@@ -26,8 +26,8 @@ from plumbing.generation import (CACHE_KINDS, GENERATE_CACHE, GENERATE_IMPL, GEN
                                  compiled_forward_step, decode, encode, exponential, forward_step, generate, hf_generate,
                                  logprob_of, pad_batch, pick_token, position_ids, report_truncation, response_logprobs,
                                  sample, static_cache)
-from plumbing.runs import (MetricsLog, _full_model_state, at_least, checkpoint_state, checkpoints,  # noqa: F401
-                           fail_if_mostly_skipped, find_checkpoint, fraction, load_optimizer_state, lock_output,
-                           perf_metrics, peak_rss_mb, progress, resume_from, save_checkpoint, save_model, write_atomic,
-                           write_jsonl)
+from plumbing.runs import (SAVING, MetricsLog, _full_model_state, at_least, check_output, checkpoint_state,  # noqa: F401
+                           checkpoints, earlier_run, fail_if_mostly_skipped, find_checkpoint, fingerprint, fraction,
+                           load_optimizer_state, lock_output, perf_metrics, peak_rss_mb, progress, save_checkpoint,
+                           save_model, start_run, verify_checkpoint, write_atomic, write_jsonl)
 from plumbing.web import RedirectRefused, post_json  # noqa: F401

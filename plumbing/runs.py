@@ -4,6 +4,8 @@ save_pretrained model folders, resumable checkpoints (code never runs from them)
 import argparse
 import atexit
 import contextlib
+import errno
+import hashlib
 import json
 import os
 import re
@@ -72,7 +74,9 @@ def lock_output(out, d):
                 with open(path) as f:
                     pid = int(f.read().strip() or 0)
                 if pid and pid != os.getpid() and _alive(pid):
-                    raise SystemExit(f"{out} is in use by another run (process {pid}, {path}); wait for it or choose another --out")
+                    raise SystemExit(f"{out} is in use by another run (process {pid}, {path}); wait for it or choose another --out. "
+                                     f"If no run is using it, the lock is stale (process {pid} is another program, or the lock "
+                                     f"came from another machine): remove {path} and start again")
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
     atexit.register(lambda: os.path.exists(path) and open(path).read() == str(os.getpid()) and os.remove(path))
@@ -113,16 +117,16 @@ def save_model(model, tokenizer, out_dir, d, extra=None):
     a config.json always holds a complete model. Collective: every rank must call it."""
     hf, state, rest = _transformers_part(model, _full_model_state(model, d))
     if d.main:
-        tmp = out_dir.rstrip("/") + ".saving"
+        tmp = os.path.join(out_dir, SAVING)  # inside the run's own folder: no other path is touched
         shutil.rmtree(tmp, ignore_errors=True)
-        hf.save_pretrained(tmp, state_dict=state)
-        if rest:
-            torch.save(rest, os.path.join(tmp, "extra_heads.pt"))
-        tokenizer.save_pretrained(tmp)
-        for name, obj in (extra or {}).items():
-            with open(os.path.join(tmp, name), "w") as f:
-                json.dump(obj, f, indent=1)
-        os.makedirs(out_dir, exist_ok=True)
+        with _no_space_left(tmp, f"saving the model to {out_dir}"):
+            hf.save_pretrained(tmp, state_dict=state)
+            if rest:
+                torch.save(rest, os.path.join(tmp, "extra_heads.pt"))
+            tokenizer.save_pretrained(tmp)
+            for name, obj in (extra or {}).items():
+                with open(os.path.join(tmp, name), "w") as f:
+                    json.dump(obj, f, indent=1)
         if os.path.exists(os.path.join(out_dir, "config.json")):
             os.remove(os.path.join(out_dir, "config.json"))
         names = sorted(os.listdir(tmp), key=lambda n: n == "config.json")
@@ -133,6 +137,22 @@ def save_model(model, tokenizer, out_dir, d, extra=None):
         dist.barrier()
 
 
+SAVING = ".saving"  # save_model's temporary folder inside the output folder
+
+
+@contextlib.contextmanager
+def _no_space_left(tmp, what):
+    """A full disk while writing `tmp` is an error that says so, with the partial `tmp` removed."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SystemExit(f"{what}: no space left on the device ({e.filename or tmp}); removed the partial {tmp}. "
+                         "Free some space (or choose an --out on another disk) and run again (--resume where a checkpoint exists)") from None
+
+
 def save_checkpoint(out, step, models, optimizers, tokenizer, state, d, keep=1):
     """A resumable checkpoint in OUT/checkpoints/step-NNNNNN: each model in `models` ({name: module})
     as a save_pretrained folder (from_pretrained loads it with no code from here), the optimizers'
@@ -141,6 +161,9 @@ def save_checkpoint(out, step, models, optimizers, tokenizer, state, d, keep=1):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
     final = os.path.join(out, "checkpoints", f"step-{step:06d}")
     tmp = final + ".tmp"
+    # what the run's inputs were, by content, so that a resume from a moved copy is told from another input
+    state = {**state, "inputs": {k: fingerprint(v) for k, v in state.get("args", {}).items()
+                                 if k != "out" and isinstance(v, str) and os.path.exists(v)}}
     opt_states = {}
     for name, model in models.items():
         hf, full, rest = _transformers_part(model, _full_model_state(model, d))
@@ -148,18 +171,20 @@ def save_checkpoint(out, step, models, optimizers, tokenizer, state, d, keep=1):
         opt_states[name] = get_optimizer_state_dict(model, optimizers[name],
                                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if d.main:
-            if name == next(iter(models)):
-                shutil.rmtree(tmp, ignore_errors=True)
-            hf.save_pretrained(os.path.join(tmp, name), state_dict=full)
-            tokenizer.save_pretrained(os.path.join(tmp, name))
-            if rest:
-                torch.save(rest, os.path.join(tmp, name, "extra_heads.pt"))
+            with _no_space_left(tmp, f"checkpoint {final}"):
+                if name == next(iter(models)):
+                    shutil.rmtree(tmp, ignore_errors=True)
+                hf.save_pretrained(os.path.join(tmp, name), state_dict=full)
+                tokenizer.save_pretrained(os.path.join(tmp, name))
+                if rest:
+                    torch.save(rest, os.path.join(tmp, name, "extra_heads.pt"))
     if d.main:
-        # tensors (optimizer state, torch's RNG) in a file torch.load reads with weights_only=True, so that
-        # resuming never runs code from a checkpoint; everything else as JSON
-        torch.save({"optimizers": opt_states, "torch_rng": torch.get_rng_state()}, os.path.join(tmp, "trainer_state.pt"))
-        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump({"state": state, "rng": rng_state()}, f)
+        with _no_space_left(tmp, f"checkpoint {final}"):
+            # tensors (optimizer state, torch's RNG) in a file torch.load reads with weights_only=True, so that
+            # resuming never runs code from a checkpoint; everything else as JSON
+            torch.save({"optimizers": opt_states, "torch_rng": torch.get_rng_state()}, os.path.join(tmp, "trainer_state.pt"))
+            with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+                json.dump({"state": state, "rng": rng_state()}, f)
         _replace_dir(tmp, final)
         for old in checkpoints(out)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -200,21 +225,102 @@ def load_optimizer_state(ckpt, models, optimizers, d):
     return saved["state"]
 
 
-def resume_from(args, parser, may_change):
-    """--resume: the newest checkpoint in OUT/checkpoints (no checkpoint is an error), whose saved
-    flags must equal this run's but for `may_change` (steps, logging, …): a flag that changes the
-    model, the data or a shape is an error that names it. None without --resume."""
+def fingerprint(path):
+    """What a file or folder holds, cheaply: the sha256 of each file's relative path, size and first and
+    last MiB (checkpoints/ and hidden files aside). The same after a move or copy; another model differs."""
+    files = [path] if os.path.isfile(path) else []
+    for where, dirs, names in os.walk(path):
+        dirs[:] = sorted(x for x in dirs if x != "checkpoints" and not x.startswith("."))
+        files += [os.path.join(where, f) for f in sorted(names) if not f.startswith(".")]
+    h = hashlib.sha256()
+    for f in files:
+        size = os.path.getsize(f)
+        h.update(f"{os.path.relpath(f, path)}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(-(1 << 20), os.SEEK_END)
+                h.update(fh.read())
+    return h.hexdigest()
+
+
+def earlier_run(out, markers=("config.json", "metrics.jsonl")):
+    """What of an earlier run `out` holds (its `markers`, its checkpoints), as words; None if nothing."""
+    found = [m for m in markers if os.path.exists(os.path.join(out, m))]
+    ckpt = find_checkpoint(out)
+    if ckpt:
+        found.append(f"checkpoints up to step {checkpoint_state(ckpt).get('step')}")
+    return ", ".join(found) or None
+
+
+def check_output(out, inputs, flag_error, markers=("config.json", "metrics.jsonl")):
+    """A new run's --out must be neither one of its inputs ({flag: path}) nor a folder that holds an
+    earlier run's outputs (a finished model, a log, checkpoints): a run never overwrites either."""
+    for flag, path in inputs.items():
+        if path and os.path.exists(path) and os.path.exists(out) and os.path.samefile(path, out):
+            flag_error(f"--out {out} is {flag} {path}, an input of this run: it would be overwritten; choose another --out")
+    held = earlier_run(out, markers) if os.path.isdir(out) else None
+    if held:
+        flag_error(f"--out {out} holds an earlier run ({held}): a new run does not overwrite it. "
+                   + ("--resume continues it; " if "checkpoints" in held else "")
+                   + "choose another --out, or move that one away")
+
+
+def start_run(args, parser, d, may_change, inputs):
+    """Claim --out for this run (the lock) and check it: a fresh run refuses an --out that is one of
+    its `inputs` ({flag: path}) or holds an earlier run; --resume returns the newest checkpoint
+    (None for a fresh run), which must be readable and whose saved flags must equal this run's but
+    for `may_change` (steps, logging, …) and --out (the checkpoint is OUT's own). An input given by
+    another path is the same input when its content is (`fingerprint`): a run moved to another disk
+    resumes. --steps may not end before the checkpoint."""
+    if not args.resume:
+        check_output(args.out, inputs, parser.error)
+    lock_output(args.out, d)
     if not args.resume:
         return None
     ckpt = find_checkpoint(args.out)
     if ckpt is None:
         parser.error(f"--resume: no checkpoint in {os.path.join(args.out, 'checkpoints')} (nothing to resume; drop --resume to start anew)")
-    saved, now = checkpoint_state(ckpt).get("args", {}), json.loads(json.dumps(vars(args)))
-    differ = sorted(k for k in set(saved) | set(now) if k not in may_change and saved.get(k) != now.get(k))
+    state = verify_checkpoint(ckpt)
+    saved, saved_inputs, now = state.get("args", {}), state.get("inputs", {}), json.loads(json.dumps(vars(args)))
+
+    def same(k):
+        if saved.get(k) == now.get(k):
+            return True
+        value = now.get(k)  # another path to the same content
+        return k in saved_inputs and isinstance(value, str) and os.path.exists(value) and fingerprint(value) == saved_inputs[k]
+    differ = sorted(k for k in set(saved) | set(now) if k not in may_change and k != "out" and not same(k))
     if differ:
         parser.error("--resume: these flags differ from the run being resumed: "
                      + ", ".join(f"--{k} {now.get(k)!r} (was {saved.get(k)!r})" for k in differ))
+    if args.steps < state["step"]:
+        parser.error(f"--resume --steps {args.steps}: the checkpoint {ckpt} is at step {state['step']}, past it; "
+                     f"resume with --steps ≥ {state['step']} (the model of step {args.steps} was not kept)")
     return ckpt
+
+
+def verify_checkpoint(ckpt):
+    """The checkpoint's saved state, once every file of it is found readable (a truncated or corrupt
+    file, or a pickle that would run code, is an error naming it); no tensor is read into memory."""
+    from safetensors import safe_open
+    here = None
+    try:
+        here = os.path.join(ckpt, "trainer_state.json")
+        with open(here) as f:
+            state = json.load(f)["state"]
+        for where, _, names in os.walk(ckpt):
+            for name in names:
+                here = os.path.join(where, name)
+                if name.endswith(".safetensors"):
+                    with safe_open(here, "pt") as f:
+                        f.keys()
+                elif name.endswith(".pt"):
+                    torch.load(here, weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001  anything unreadable: say which file and what to do
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SystemExit(f"--resume: {here} is truncated, corrupt or unsafe to load ({reason}). Remove {ckpt} to resume from "
+                         "an earlier checkpoint, if any, or start anew without --resume") from None
+    return state
 
 
 def write_atomic(path, text):

@@ -1,12 +1,15 @@
 """A run that fails says so: resume that logs each step once, runs that train nothing exit non-zero,
 checkpoints that cannot run code, flags and directories checked before any work. Each test here
 failed on the code before it (tiny models, one thread)."""
+import errno
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 
 import pytest
+import safetensors.torch
 import torch
 
 import plumbing
@@ -78,8 +81,12 @@ def test_resume_without_a_checkpoint_or_with_other_flags_is_an_error(toy_sft_dir
         ppo_gi.main(ppo_gi.parser.parse_args(["--sft", toy_sft_dir, "--out", out, "--steps", "2", *PPO_SHORT, "--resume"]))
     assert "no checkpoint" in capsys.readouterr().err
     ppo_gi.main(ppo_gi.parser.parse_args(["--sft", toy_sft_dir, "--out", out, "--steps", "4", "--save_every", "1", "--stop_at", "1", *PPO_SHORT]))
+    other_sft = str(tmp_path / "other_sft")  # another policy: the same files, other weights
+    shutil.copytree(toy_sft_dir, other_sft, ignore=shutil.ignore_patterns("checkpoints", "metrics.jsonl", ".lock"))
+    w = os.path.join(other_sft, "model.safetensors")
+    safetensors.torch.save_file({k: v + 1 for k, v in safetensors.torch.load_file(w).items()}, w)
     with pytest.raises(SystemExit):  # another policy, another shape: refused, both named
-        ppo_gi.main(ppo_gi.parser.parse_args(["--sft", toy_sft_dir + "/", "--out", out, "--steps", "4", *PPO_SHORT,
+        ppo_gi.main(ppo_gi.parser.parse_args(["--sft", other_sft, "--out", out, "--steps", "4", *PPO_SHORT,
                                               "--max_new_tokens", "9", "--resume"]))
     err = capsys.readouterr().err
     assert "--max_new_tokens 9 (was 8)" in err and "--sft" in err
@@ -100,7 +107,7 @@ def test_a_checkpoint_cannot_run_code_on_resume(tmp_path):
     state = os.path.join(plumbing.find_checkpoint(out), "trainer_state.pt")
     with open(state, "wb") as f:
         pickle.dump({"optimizers": Payload(), "torch_rng": torch.get_rng_state()}, f)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(SystemExit, match="trainer_state.pt is truncated, corrupt or unsafe to load"):
         sft.main(sft.parser.parse_args(["--out", out, "--save_every", "2", *SFT_SHORT, "--resume"]))
     assert not marker.exists()
 
@@ -215,3 +222,96 @@ def test_max_len_must_hold_the_prompt_and_hub_ids_are_told_from_paths(toy_sft_di
     for path in ("runs/sft", "./sft", "a/b/c"):
         with pytest.raises(SystemExit, match="no such directory"):
             plumbing.check_model_dir(path, "--sft", "lm")
+
+
+# the variants pipeline.sh runs (the toy pipeline, --study, --data hh): each resumes to the uninterrupted run
+RESUMED_VARIANTS = {"ppo": ["--no_gi", "--kl_coef", "0"], "ppo_kl": ["--no_gi"], "gi_ppo": [], "gi_fixed_kl": ["--fixed_kl"],
+                    "gi_beta0": ["--beta_policy", "0"], "ppo_shuffled": ["--no_gi", "--shuffle_rewards"],
+                    "gi_prompt": ["--group_input", "prompt"], "gi_known": ["--groups", "known", "--min_group_frac", "0"],
+                    "ppo_rank_kl": ["--no_gi", "--kl_weight", "rank"]}
+
+
+@pytest.mark.parametrize("variant", sorted(RESUMED_VARIANTS))
+def test_every_ppo_variant_resumes_to_the_uninterrupted_run(toy_sft_dir, tmp_path, variant):
+    """(Before: --no_gi and --groups known crashed on resume, the group head having no optimizer state.)"""
+    base = ["--sft", toy_sft_dir, "--steps", "4", "--save_every", "2", *PPO_SHORT, "--eval_prompts", "0", *RESUMED_VARIANTS[variant]]
+    ppo_gi.main(ppo_gi.parser.parse_args(base + ["--out", str(tmp_path / "full")]))
+    ppo_gi.main(ppo_gi.parser.parse_args(base + ["--out", str(tmp_path / "part"), "--stop_at", "2"]))
+    ppo_gi.main(ppo_gi.parser.parse_args(base + ["--out", str(tmp_path / "part"), "--resume"]))
+    assert values(tmp_path / "part" / "metrics.jsonl") == values(tmp_path / "full" / "metrics.jsonl")
+
+
+def test_a_new_run_never_overwrites_an_earlier_run_or_an_input(toy_sft_dir, tmp_path, capsys):
+    """A fresh run on an --out that holds checkpoints, a finished run or a log is refused (before: a
+    shorter new run deleted its own checkpoint, and a later --resume continued the old run's), as is an
+    --out that is an input (before: --sft D --out D replaced the reference of every other variant)."""
+    out = str(tmp_path / "ppo")
+    run = lambda *extra: ppo_gi.main(ppo_gi.parser.parse_args(["--sft", toy_sft_dir, *PPO_SHORT, *extra]))  # noqa: E731
+    run("--out", out, "--steps", "4", "--save_every", "2", "--stop_at", "2")
+    with pytest.raises(SystemExit):
+        run("--out", out, "--steps", "1", "--save_every", "1")
+    assert "holds an earlier run (metrics.jsonl, checkpoints up to step 2): a new run does not overwrite it. --resume continues it" \
+        in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # --resume --steps before the checkpoint would save a mislabelled model
+        run("--out", out, "--steps", "1", "--save_every", "2", "--resume")
+    assert "--resume --steps 1: the checkpoint" in capsys.readouterr().err and not os.path.exists(os.path.join(out, "config.json"))
+    run("--out", out, "--steps", "4", "--save_every", "2", "--resume")  # finished: config.json
+    log = open(os.path.join(out, "metrics.jsonl")).read()
+    with pytest.raises(SystemExit):  # a finished run and its log are kept whole
+        run("--out", out, "--steps", "4", "--save_every", "0")
+    assert "holds an earlier run (config.json, metrics.jsonl, checkpoints up to step 4)" in capsys.readouterr().err
+    assert open(os.path.join(out, "metrics.jsonl")).read() == log
+    rm = str(tmp_path / "rm")
+    tok = plumbing.load_tokenizer(toy_sft_dir)
+    plumbing.save_model(reward.load_reward_model(toy_sft_dir, tok), tok, rm, plumbing.Dist(), extra={"reward_stats.json": {"mean": 0.0, "std": 1.0}})
+    for flag, path in (("--sft", toy_sft_dir), ("--reward", rm), ("--judge_reward", rm)):
+        with pytest.raises(SystemExit):
+            run("--out", path + "/", *([flag, path] if flag != "--sft" else []))
+        assert f"is {flag} {path}, an input of this run" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sft.main(sft.parser.parse_args(["--model", toy_sft_dir, "--out", toy_sft_dir, *SFT_SHORT]))
+    assert "is --model" in capsys.readouterr().err
+
+
+def test_a_run_resumes_under_another_path_to_the_same_folder_and_its_inputs(toy_sft_dir, tmp_path, monkeypatch):
+    """--resume compares what the run is, not how its paths are spelled: a trailing slash, a relative
+    --out, or the run and its SFT model moved elsewhere (before: refused as changed flags)."""
+    out = tmp_path / "ppo"
+    base = ["--steps", "4", "--save_every", "2", *PPO_SHORT, "--eval_prompts", "0"]
+    ppo_gi.main(ppo_gi.parser.parse_args(["--sft", toy_sft_dir, "--out", str(out), "--stop_at", "2", *base]))
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    shutil.move(str(out), moved / "ppo")
+    shutil.copytree(toy_sft_dir, moved / "sft")
+    monkeypatch.chdir(moved)
+    ppo_gi.main(ppo_gi.parser.parse_args(["--sft", "sft/", "--out", "ppo/", "--resume", *base]))
+    assert os.path.exists(moved / "ppo" / "config.json")
+
+
+def test_a_truncated_checkpoint_or_a_full_disk_is_an_error_that_says_what_to_do(toy_sft_dir, tmp_path, monkeypatch):
+    out = str(tmp_path / "sft")
+    sft.main(sft.parser.parse_args(["--out", out, "--save_every", "2", "--stop_at", "2", *SFT_SHORT]))
+    weights = os.path.join(plumbing.find_checkpoint(out), "model", "model.safetensors")
+    with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) // 2)
+    with pytest.raises(SystemExit, match="model.safetensors is truncated, corrupt or unsafe to load .*Remove .*step-000002"):
+        sft.main(sft.parser.parse_args(["--out", out, "--save_every", "2", *SFT_SHORT, "--resume"]))
+    # the disk fills while a checkpoint is written: said so, the partial folder removed, nothing else left behind
+    full = str(tmp_path / "full")
+
+    def no_space(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", no_space)
+    with pytest.raises(SystemExit, match="no space left on the device .*removed the partial .*step-000002.tmp"):
+        sft.main(sft.parser.parse_args(["--out", full, "--save_every", "2", *SFT_SHORT]))
+    assert os.listdir(os.path.join(full, "checkpoints")) == []
+
+
+def test_saving_writes_nothing_beside_the_output_folder(toy_sft_dir, tmp_path):
+    """(Before: --out X deleted a sibling X.saving that the run did not create.)"""
+    mine = tmp_path / "sft.saving"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("a user's file")
+    sft.main(sft.parser.parse_args(["--out", str(tmp_path / "sft"), "--save_every", "0", *SFT_SHORT]))
+    assert (mine / "keep.txt").read_text() == "a user's file"
+    assert sorted(os.listdir(tmp_path)) == ["sft", "sft.saving"]
