@@ -194,4 +194,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parser.parse_args())
+    plumbing.run_main(main, parser)

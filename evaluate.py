@@ -62,6 +62,7 @@ parser.add_argument("--judge_model", default=None, help="llm judge: the model na
 parser.add_argument("--judge_key_env", default="OPENAI_API_KEY", help="llm judge: environment variable holding the API key (may be unset for a local server)")
 parser.add_argument("--judge_retries", type=plumbing.at_least(0), default=3, help="llm judge: retries of a failed request (backoff 1, 2, 4 … s, at most 30 s)")
 parser.add_argument("--judge_timeout", type=plumbing.at_least(0.0, float, above=True), default=60.0, help="llm judge: seconds per request")
+parser.add_argument("--judge_give_up", type=plumbing.at_least(1), default=5, help="llm judge: stop (exit 1) after this many requests in a row got no answer")
 parser.add_argument("--max_new_tokens", type=plumbing.at_least(1), default=24, help="response length limit")
 parser.add_argument("--max_len", type=plumbing.at_least(2), default=152, help="max tokens of prompt + response: prompts are cut from the left to --max_len − --max_new_tokens")
 parser.add_argument("--temperature", type=plumbing.at_least(0.0, float), default=0.0, help="0: greedy; > 0: sampling, seeded with --seed")
@@ -133,8 +134,9 @@ def ask_judge(args, prompt, a, b):
 
 def llm_outcomes(args, prompts, responses, opponent_responses, rng):
     """Outcomes of the model against the opponent by the llm judge, the A/B order randomized per
-    item. Each distinct reason an item got no answer (counted invalid) is printed once."""
-    outcomes, reported = [], set()
+    item. Each distinct reason an item got no answer (counted invalid) is printed once; after
+    --judge_give_up requests in a row without one, the judge is unreachable and the run stops."""
+    outcomes, reported, failed_in_a_row = [], set(), 0
     for prompt, mine, theirs in zip(prompts, responses, opponent_responses):
         if mine.strip() == theirs.strip():
             outcomes.append("tie")
@@ -145,6 +147,10 @@ def llm_outcomes(args, prompts, responses, opponent_responses, rng):
         if why and why not in reported:
             reported.add(why)
             print(f"evaluate: llm judge: {why}; counted invalid")
+        failed_in_a_row = failed_in_a_row + 1 if why else 0
+        if failed_in_a_row >= args.judge_give_up:
+            raise SystemExit(f"evaluate: the llm judge at {args.judge_url} gave no answer to {failed_in_a_row} requests in a row "
+                             f"(last: {why}); stopped, nothing written. Check --judge_url and the server, or raise --judge_give_up")
         verdict = parse_verdict(answer)
         if verdict is None:
             outcomes.append("invalid")
@@ -313,9 +319,9 @@ def gold_vs_kl(path, window=GOLD_KL_WINDOW):
     if not rows:
         return {}
     smooth = lambda xs: [float(np.mean(xs[max(0, i - window + 1): i + 1])) for i in range(len(xs))]  # noqa: E731
-    keys = [f"{judge}/mean"] + sorted(k for k in rows[-1] if k.startswith(f"{judge}/") and k != f"{judge}/mean")
+    keys = [f"{judge}/mean"] + sorted(k for k in rows[-1] if k.startswith(f"{judge}/group/"))
     curve = {"judge": judge, "kl": smooth([r["objective/kl"] for r in rows]),
-             "scores": {k[len(judge) + 1:]: smooth([r.get(k, np.nan) for r in rows]) for k in keys}}
+             "scores": {k.rpartition("/")[2] if "/group/" in k else "mean": smooth([r.get(k, np.nan) for r in rows]) for k in keys}}
     if all("objective/scores" in r for r in rows):
         curve["proxy"] = smooth([r["objective/scores"] for r in rows])
     return curve
@@ -403,6 +409,7 @@ def run_table(dirs, last=10):
     greedy test gold."""
     rows_out, judges = [], []
     for run in dirs:
+        check_ppo_run(run, "--runs")
         with open(os.path.join(run, "ppo_args.json")) as f:
             a = json.load(f)
         rows = training_log(run)
@@ -411,10 +418,10 @@ def run_table(dirs, last=10):
         mean = lambda k, rs=tail: float(np.mean([r[k] for r in rs]))  # noqa: E731
         j = judge_prefix(its)
         judges += [JUDGE_LOGS[j]] if j else []
-        by_group = {k[len(j) + 1:]: mean(k) for k in tail[-1] if k.startswith(f"{j}/") and k != f"{j}/mean"} if j else {}
+        by_group = {k[len(f"{j}/group/"):]: mean(k) for k in tail[-1] if k.startswith(f"{j}/group/")} if j else {}
         worst = min(by_group, key=by_group.get) if by_group else None
         sizes = [mean(k) for k in tail[-1] if k.startswith("groups/size_")]
-        kl_by_group = ", ".join(f"{k[3:]} {mean(k):.2f}" for k in sorted(tail[-1]) if k.startswith("kl/") and k != "kl/mean")
+        kl_by_group = ", ".join(f"{k[len('kl/group/'):]} {mean(k):.2f}" for k in sorted(tail[-1]) if k.startswith("kl/group/"))
         greedy = [r["eval/gold_mean"] for r in rows if "eval/gold_mean" in r]
         cells = [os.path.normpath(run), "0" if a["no_gi"] else f"{a['beta_policy']:g}", "" if a["lr"] == 0 else f"{a['kl_coef']:g}",
                  f"{mean(f'{j}/mean', its[:last]):.3f}" if j else "", f"{mean(f'{j}/mean'):.3f}" if j else "",
@@ -429,6 +436,17 @@ def run_table(dirs, last=10):
                       "|---|---:|---:|---:|---:|---|---:|---:|---:|---|---:|---:|", *rows_out]) + "\n"
 
 
+def check_ppo_run(path, flag):
+    """`path` must be a finished ppo_gi.py run (ppo_args.json and config.json, written at its end, and
+    a log with objective/kl), or the report names it and stops."""
+    missing = [f for f in ("ppo_args.json", "config.json", "metrics.jsonl") if not os.path.isfile(os.path.join(path, f))]
+    if missing:
+        raise SystemExit(f"evaluate.py {flag}: {path} is not a finished ppo_gi.py run (no {', '.join(missing)}"
+                         + ("; it may still be running, or have failed" if "metrics.jsonl" not in missing else "") + ")")
+    if last_mean(path) is None:
+        raise SystemExit(f"evaluate.py {flag}: {path}/metrics.jsonl logged no objective/kl: not a ppo_gi.py run's log")
+
+
 def last_mean(path, last=10, key="objective/kl"):
     """The mean of a ppo_gi.py run's logged `key` over its last `last` iterations, on its RL prompts:
     by default its KL from π^SFT (gold/mean: its RL gold); None for a model that logged none (SFT, DPO)."""
@@ -440,11 +458,13 @@ def match_kl(target, candidates, tolerance=0.1):
     """The KL-matched control: 'match DIR' for the first candidate PPO run whose KL is within
     `tolerance` of the target run's, else 'next ETA CLOSEST' with η interpolated in log η – log KL
     between the candidates nearest the target (KL falls as η grows; one candidate: KL ∝ 1/η)."""
-    goal = max(last_mean(target) or 0.0, 1e-6)  # (k1 KL can be ≤ 0 at a large η: the log needs it positive)
+    for path in [target, *candidates]:
+        check_ppo_run(path, "--match_kl")
+    goal = max(last_mean(target), 1e-6)  # (k1 KL can be ≤ 0 at a large η: the log needs it positive)
     runs = []
     for c in candidates:
         with open(os.path.join(c, "ppo_args.json")) as f:
-            runs.append((json.load(f)["kl_coef"], max(last_mean(c) or 0.0, 1e-6), os.path.normpath(c)))
+            runs.append((json.load(f)["kl_coef"], max(last_mean(c), 1e-6), os.path.normpath(c)))
     runs.sort(key=lambda r: abs(math.log(r[1] / goal)))
     for eta, kl, path in runs:
         if abs(kl - goal) <= tolerance * goal:
@@ -547,6 +567,7 @@ def main(args):
         print(match_kl(args.match_kl[0], args.match_kl[1:]))
         return
     if args.study:
+        plumbing.check_output(args.out, {}, parser.error, markers=("study.md",))
         table = study_table(args.study, args.out, versus=args.versus)
         plumbing.write_atomic(os.path.join(args.out, "study.md"), table)
         print(table + f"\nevaluate: wrote {args.out}/study.md and study.png")
@@ -580,7 +601,9 @@ def main(args):
     for name, path in model_dirs.items():
         plumbing.check_model_dir(path, f"--model/--opponents {name}=", "lm")
     if args.reward:
-        plumbing.check_model_dir(args.reward, "--reward", "score")
+        plumbing.check_reward_dir(args.reward, "--reward")
+    plumbing.check_output(args.out, {f"--model/--opponents {n}=": p for n, p in model_dirs.items()} | {"--reward": args.reward},
+                          parser.error, markers=("results.json",))
     plumbing.seed_everything(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.bf16 = bool(args.bf16) if args.bf16 is not None else device.type == "cuda"
@@ -598,9 +621,6 @@ def main(args):
         texts_by_split, perf[name] = respond(args, path, prompts, device)
         for s, texts in texts_by_split.items():
             responses[name, s] = texts
-    plumbing.write_atomic(os.path.join(args.out, "responses.jsonl"), "".join(
-        json.dumps({"model": name, "split": s, "prompt": p, "response": t}) + "\n"
-        for (name, s), texts in responses.items() for p, t in zip(prompts[s], texts)))
 
     scores, group_rows, summaries, rewards = {}, [], [], []
     if toy:
@@ -617,6 +637,10 @@ def main(args):
             rm_margin = args.rm_tie_margin * json.load(f)["std"]
         for (name, s), texts in plumbing.progress(list(responses.items()), plumbing.Dist(), desc="evaluate: rm scores"):
             scores["rm", name, s] = reward.score(rm, tokenizer, prompts[s], texts).tolist()
+            bad = sum(not math.isfinite(x) for x in scores["rm", name, s])
+            if bad:
+                raise SystemExit(f"evaluate: --reward {args.reward} gave {bad} non-finite score(s) (NaN or inf) to {name}'s "
+                                 f"{s} responses: a broken reward model; nothing written")
             rewards.append({"model": name, "split": s, **reward.distribution(scores["rm", name, s])})
 
     winrates, winrates_by_group, rng = [], [], random.Random(args.seed)
@@ -655,6 +679,9 @@ def main(args):
         items.setdefault(judge, {}).setdefault(name, {})[s] = v
     results = {"winrates": winrates, "winrates_by_group": winrates_by_group, "groups": group_rows, "group_summary": summaries, "rewards": rewards,
                "items": items, "perf": perf, "settings": vars(args)}
+    plumbing.write_atomic(os.path.join(args.out, "responses.jsonl"), "".join(
+        json.dumps({"model": name, "split": s, "prompt": p, "response": t}) + "\n"
+        for (name, s), texts in responses.items() for p, t in zip(prompts[s], texts)))
     plumbing.write_atomic(os.path.join(args.out, "table.md"), table)
     plumbing.write_atomic(os.path.join(args.out, "results.json"), json.dumps(results, indent=1, default=float))
     plot(args.out, model_dirs, group_rows, {(n, s): v for (j, n, s), v in scores.items() if j == "rm"})
@@ -663,4 +690,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parser.parse_args())
+    plumbing.run_main(main, parser)

@@ -51,12 +51,12 @@ import reward
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 parser.add_argument("--rollouts", default="runs/gi_ppo/rollouts.jsonl", help="JSONL of {prompt, response, reward} (ppo_gi.py writes one)")
 parser.add_argument("--critic", default="runs/gi_ppo/critic", help="critic directory (with its group head) or a reward model directory")
-parser.add_argument("--n_groups", type=int, default=2, help="M, the number of groups (when the critic has no group head yet)")
+parser.add_argument("--n_groups", type=plumbing.at_least(2), default=2, help="M, the number of groups (when the critic has no group head yet)")
 parser.add_argument("--group_input", choices=["response", "prompt"], default="response", help="where the head reads the critic: the last response token (p_φ(g|x,y)) or the last prompt token (p_φ(g|x)), as ppo_gi.py --group_input")
-parser.add_argument("--fit_steps", type=int, default=0, help="first fit φ here: Adam steps maximizing R_var of the rewards (0: use the head as saved)")
-parser.add_argument("--min_group_frac", type=float, default=1.0, help="n_min = this · B / M: the least soft size a group's mean is divided by (0: the raw soft mean)")
-parser.add_argument("--lr", type=float, default=1e-2, help="learning rate of the φ fit")
-parser.add_argument("--max_len", type=int, default=256, help="max tokens of prompt + response")
+parser.add_argument("--fit_steps", type=plumbing.at_least(0), default=0, help="first fit φ here: Adam steps maximizing R_var of the rewards (0: use the head as saved)")
+parser.add_argument("--min_group_frac", type=plumbing.at_least(0.0, float), default=1.0, help="n_min = this · B / M: the least soft size a group's mean is divided by (0: the raw soft mean)")
+parser.add_argument("--lr", type=plumbing.at_least(0.0, float, above=True), default=1e-2, help="learning rate of the φ fit")
+parser.add_argument("--max_len", type=plumbing.at_least(2), default=256, help="max tokens of prompt + response")
 parser.add_argument("--seed", type=int, default=1, help="seed of a new group head")
 # fmt: on
 
@@ -135,6 +135,8 @@ def high_group(rewards, probs, reduce=None, min_size=0.0):
 
 
 def read_rollouts(path):
+    if not os.path.isfile(path):
+        raise data.DataError(f"--rollouts {path}: no such file (ppo_gi.py writes OUT/rollouts.jsonl at its last iteration)")
     rows = []
     with open(path) as f:
         for lineno, line in enumerate(f, 1):
@@ -149,6 +151,7 @@ def read_rollouts(path):
 
 
 def main(args):
+    plumbing.check_model_dir(args.critic, "--critic", "score")
     rows = read_rollouts(args.rollouts)
     tokenizer = plumbing.load_tokenizer(args.critic)
     critic = load_critic(args.critic, tokenizer, args.n_groups, seed=args.seed).eval()
@@ -188,4 +191,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parser.parse_args())
+    plumbing.run_main(main, parser)

@@ -192,7 +192,7 @@ if [ "$DATA" = hh ]; then
     "$PY" - "$OUT/$rm/metrics.jsonl" "$rm" <<'EOF'
 import json, sys
 row = [r for r in map(json.loads, open(sys.argv[1])) if "eval/accuracy" in r][-1]
-print(f"== {sys.argv[2]}: held-out accuracy {row['eval/accuracy']:.3f} on the test pairs")
+print(f"== {sys.argv[2]}: held-out accuracy {row['eval/accuracy']:.3f} on {row['eval/pairs']} test pairs")
 EOF
   done
   echo "== pipeline (hh): $(( $(date +%s) - START )) s in all; results in $OUT/eval"

@@ -73,7 +73,7 @@ parser.add_argument("--max_len", type=plumbing.at_least(2), default=152, help="m
 parser.add_argument("--temperature", type=plumbing.at_least(0.0, float, above=True), default=1.0, help="sampling temperature; log-probs are taken at the same T")
 parser.add_argument("--lr", type=rate, default=2e-5, help="policy learning rate: small enough that the no-signal control (--shuffle_rewards) leaves the policy where it was")
 parser.add_argument("--warmup", type=plumbing.at_least(0), default=0, help="iterations of linear learning-rate warm-up (policy and critic)")
-parser.add_argument("--decay", choices=["none", "cosine"], default="none", help="after the warm-up: a constant learning rate, or cosine decay to 10%% at --steps")
+parser.add_argument("--decay", choices=["none", "cosine"], default="none", help="after the warm-up: a constant learning rate, or cosine decay to 10%% of the peak at the last iteration")
 parser.add_argument("--critic_lr", type=rate, default=3e-4, help="critic + group head learning rate: the value head must track returns within a few iterations")
 parser.add_argument("--kl_coef", type=rate, default=0.05, help="η: KL penalty coefficient (0: PPO without KL)")
 parser.add_argument("--kl_estimator", choices=["k1", "k3"], default="k1", help="per-token KL estimate penalized and logged")
@@ -474,10 +474,13 @@ def iteration_metrics(args, d, batch, stats, running, all_groups=()):
 
 def main(args):
     plumbing.check_model_dir(args.sft, "--sft", "lm")
-    plumbing.check_model_dir(args.reward, "--reward", "score")
+    plumbing.check_reward_dir(args.reward, "--reward")
     if args.judge_reward:
-        plumbing.check_model_dir(args.judge_reward, "--judge_reward", "score")
+        plumbing.check_reward_dir(args.judge_reward, "--judge_reward")
     d = plumbing.init_distributed()
+    if args.minibatch > args.rollout_batch:
+        parser.error(f"--batch_size (--minibatch) {args.minibatch} exceeds --rollout_batch {args.rollout_batch}: "
+                     "a minibatch is part of one iteration's rollouts")
     if args.rollout_batch % (d.world * (args.rollout_batch // args.minibatch)) or args.rollout_batch % args.minibatch:
         parser.error(f"--rollout_batch {args.rollout_batch} must be a multiple of --minibatch {args.minibatch}, "
                      f"and each minibatch must split evenly over {d.world} ranks")
@@ -546,8 +549,8 @@ def main(args):
     for it in bar:
         idx = plumbing.batch_indices(it, args.rollout_batch, len(prompts), args.seed)
         mine = idx[d.rank::d.world]
-        # learning rate: linear warm-up over --warmup iterations, then constant or cosine decay (--decay)
-        lr_scale = sft.lr_at(it, args.steps, args.warmup, 1.0) if args.decay == "cosine" else min(1.0, (it + 1) / max(args.warmup, 1))
+        # learning rate: linear warm-up over --warmup iterations, then constant or cosine decay (--decay) to 10% at the last
+        lr_scale = sft.lr_at(it, args.steps - 1, args.warmup, 1.0) if args.decay == "cosine" else min(1.0, (it + 1) / max(args.warmup, 1))
         for opt, lr in ((opt_policy, args.lr), (opt_critic, args.critic_lr)):
             for group in opt.param_groups:
                 group["lr"] = lr * lr_scale
@@ -600,4 +603,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parser.parse_args())
+    plumbing.run_main(main, parser)

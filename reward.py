@@ -55,7 +55,7 @@ class RewardModel(torch.nn.Module):
     def forward(self, ids, mask, return_hidden=False):
         hidden = self.hf.base_model(input_ids=ids, attention_mask=mask, position_ids=plumbing.position_ids(mask),
                                     use_cache=False).last_hidden_state  # no KV cache: one pass, nothing to reuse
-        values = self.hf.score(hidden).squeeze(-1).float()  # [B, T]
+        values = self.hf.score(hidden).float().squeeze(-1).clone()  # [B, T]; a tensor of its own: FSDP2 warns of an output view
         return (values, hidden) if return_hidden else values
 
 
@@ -182,7 +182,7 @@ def heldout_metrics(model, examples, pairs, pad_id, d):
     """Accuracy, mean margin and the reward distribution; per true group on the built-in task."""
     r = pair_rewards(model, examples, pad_id, d)
     margin = r[:, 0] - r[:, 1]
-    out = {"eval/accuracy": (margin > 0).float().mean().item(), "eval/margin": margin.mean().item(),
+    out = {"eval/accuracy": (margin > 0).float().mean().item(), "eval/pairs": len(margin), "eval/margin": margin.mean().item(),
            **{f"eval/reward/{k}": v for k, v in distribution(r.flatten()).items()}}
     groups = [data.true_group(p["prompt"]) for p in pairs]
     for g in sorted(set(groups) - {"other"}):
@@ -242,4 +242,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parser.parse_args())
+    plumbing.run_main(main, parser)

@@ -223,7 +223,7 @@ def supervised_loop(args, d, model, optimizer, tokenizer, examples, micro_loss, 
                        "perf/step_s": busy_s / n_steps, **plumbing.perf_metrics(tokens, busy_s, d.device)}
                 tokens, busy_s, n_steps = 0, 0.0, 0
                 bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+        if (step + 1) % args.eval_every == 0 and step + 1 != args.steps:  # the last step's: each stage's main, once
             out.update(evaluate())
         if out:
             log.log(step + 1, out)
@@ -253,7 +253,7 @@ def main(args):
     heldout_ex = tokenize_demos(tokenizer, heldout[:1000], args.max_len)
     log = plumbing.MetricsLog(os.path.join(args.out, "metrics.jsonl"), d, state, report_to=args.report_to)
     if d.main:
-        n_params = sum(p.numel() for p in model.parameters()) * d.world
+        n_params = sum(p.numel() for p in model.parameters())  # a sharded parameter (DTensor) counts its whole size
         print(f"sft: {args.model} (~{n_params / 1e6:.1f}M params) on {args.data}: {len(train_ex)} train / "
               f"{len(heldout_ex)} held-out demos, {d.world} process(es), steps {first}..{args.steps}")
 
@@ -283,4 +283,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parser.parse_args())
+    plumbing.run_main(main, parser)

@@ -19,7 +19,7 @@ from plumbing.processes import (Dist, all_reduce_sum, autocast_forward, batch_in
                                 close_distributed, decoder_blocks, equal_chunks, frozen_dtype, global_min, global_sum,
                                 group_means, in_chunks, init_distributed,
                                 rank_chunks, rng_state, seed_everything, set_rng_state, shard, unsharded)
-from plumbing.models import (TINY, build_tiny_model, check_model_dir, check_same_tokenizer, fused_gelu,  # noqa: F401
+from plumbing.models import (TINY, build_tiny_model, check_model_dir, check_reward_dir, check_same_tokenizer, fused_gelu,  # noqa: F401
                              gguf_location, gradient_cosine, load_model, load_tokenizer, model_kind, optimizer,
                              optimizer_step, train_tiny_tokenizer)
 from plumbing.generation import (CACHE_KINDS, GENERATE_CACHE, GENERATE_IMPL, GENERATE_IMPLS, _STATIC_CACHE,  # noqa: F401
@@ -28,6 +28,6 @@ from plumbing.generation import (CACHE_KINDS, GENERATE_CACHE, GENERATE_IMPL, GEN
                                  sample, static_cache)
 from plumbing.runs import (SAVING, MetricsLog, _full_model_state, at_least, check_output, checkpoint_state,  # noqa: F401
                            checkpoints, earlier_run, fail_if_mostly_skipped, find_checkpoint, fingerprint, fraction,
-                           load_optimizer_state, lock_output, perf_metrics, peak_rss_mb, progress, save_checkpoint,
+                           load_optimizer_state, lock_output, perf_metrics, peak_rss_mb, progress, run_main, save_checkpoint,
                            save_model, start_run, verify_checkpoint, write_atomic, write_jsonl)
 from plumbing.web import RedirectRefused, post_json  # noqa: F401

@@ -35,6 +35,10 @@ def check_model_dir(path, flag, want):
         # (or runs/, this repository's outputs); else a hub id: name or owner/name
         if path.startswith((".", "/", "~")) or path.count("/") > 1 or ("/" in path and (os.path.exists(first) or first == "runs")):
             raise SystemExit(f"{flag} {path}: no such directory")
+        if not (hub_cached(path) or hub_reachable()):  # else transformers retries the hub for a minute, then fails
+            where = f"{first}/ does not exist here" if "/" in path else "no such directory here"
+            raise SystemExit(f"{flag} {path}: {where}, and as a hub model id it is neither in the local cache nor reachable "
+                             "(no network): if it is a path, check it; if a hub model, download it where there is network")
         return  # name or owner/name: a hub id
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise SystemExit(f"{flag} {path}: no model here (config.json missing); train it first")
@@ -42,6 +46,38 @@ def check_model_dir(path, flag, want):
     if kind and kind != want:
         names = {"lm": "a causal LM (an SFT or policy directory)", "score": "a reward model directory"}
         raise SystemExit(f"{flag} {path}: this is {names[kind]}; {flag} takes {names[want]}")
+
+
+def hub_cached(repo_id):
+    """Whether the hub model `repo_id` is in the local cache (its config.json)."""
+    from huggingface_hub import try_to_load_from_cache
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
+
+
+def hub_reachable(timeout=3.0):
+    """Whether the hub answers a connection within `timeout` seconds (never when HF_HUB_OFFLINE is set)."""
+    import socket
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def check_reward_dir(path, flag):
+    """A reward model a later stage scores with: a reward-model directory (check_model_dir) holding the
+    reward_stats.json reward.py writes (its scores' mean and std on its training pairs, which PPO
+    centres and evaluate's tie margin scales by). 'gold' is the built-in task's judge."""
+    check_model_dir(path, flag, "score")
+    if path != "gold" and not os.path.isfile(os.path.join(path, "reward_stats.json")):
+        raise SystemExit(f"{flag} {path}: no reward_stats.json (the mean and std of its scores on its training pairs, which "
+                         "reward.py writes): a critic or a hub model is not a reward model this pipeline can score with; "
+                         "train one with reward.py")
 
 
 def check_same_tokenizer(tokenizers):
@@ -103,7 +139,10 @@ def load_tokenizer(spec, texts=None):
         folder, name = gguf_location(spec)
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     else:
-        tok = AutoTokenizer.from_pretrained(spec)
+        try:
+            tok = AutoTokenizer.from_pretrained(spec)
+        except OSError as e:  # not a folder, and the hub has no such model (or cannot be reached)
+            raise SystemExit(f"{spec}: no tokenizer can be loaded from it ({str(e).strip().splitlines()[0]})") from None
     if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
         spare = [t for t in ("<|endoftext|>", tok.unk_token, tok.bos_token) if t and t != tok.eos_token]
         if spare:

@@ -74,13 +74,14 @@ def global_sum(x, d):
 
 
 def group_means(prefix, values, names, all_names, d):
-    """{prefix/<group>: the mean of `values` over the samples of each group, prefix/mean: over all},
-    all ranks together; `all_names` (the same on every rank) orders the groups."""
+    """{prefix/group/<name>: the mean of `values` over the samples of each group, prefix/mean: over all},
+    all ranks together; `all_names` (the same on every rank) orders the groups. The groups have a
+    namespace of their own, so a group named `mean` cannot overwrite the overall mean."""
     sums = torch.zeros(len(all_names) + 1, 2, device=d.device)  # the last row: samples with no group
     for value, name in zip(values, names):
         sums[all_names.index(name) if name in all_names else -1] += torch.tensor([value, 1.0], device=d.device)
     sums = all_reduce_sum(sums, d)
-    out = {f"{prefix}/{g}": (sums[i, 0] / sums[i, 1]).item() for i, g in enumerate(all_names) if sums[i, 1] > 0}
+    out = {f"{prefix}/group/{g}": (sums[i, 0] / sums[i, 1]).item() for i, g in enumerate(all_names) if sums[i, 1] > 0}
     out[f"{prefix}/mean"] = (sums[:, 0].sum() / sums[:, 1].sum()).item()
     return out
 

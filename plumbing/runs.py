@@ -38,6 +38,16 @@ def fraction(text):
     return value
 
 
+def run_main(main, parser):
+    """A stage's entry point: parse the flags and run `main`; bad input (data.DataError, whose message
+    names the file and line) ends the run with that message and exit status 2, not a traceback."""
+    from data import DataError
+    try:
+        main(parser.parse_args())
+    except DataError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+
+
 def fail_if_mostly_skipped(name, skipped, planned, max_skipped):
     """A run that trains nothing must not look finished: as soon as more than `max_skipped` of the
     `planned` updates were skipped as non-finite, it stops (exit status 1) before saving a model."""

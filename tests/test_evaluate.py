@@ -13,6 +13,7 @@ import sys
 import threading
 
 import pytest
+import torch
 
 import data
 import evaluate
@@ -314,6 +315,7 @@ def test_the_kl_matched_search_interpolates_eta_in_log_log(tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / "ppo_args.json").write_text(json.dumps({"kl_coef": eta}))
         (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps({"objective/kl": kl}) + "\n" for _ in range(12)))
+        (tmp_path / name / "config.json").write_text("{}")  # finished
         return str(tmp_path / name)
     target, first = run("gi", 0.5, 0.5), run("a", 0.5, 0.3)
     assert evaluate.match_kl(target, [first]) == f"next 0.3 {first}"  # one candidate: KL ∝ 1/η, 0.5·0.3/0.5
@@ -322,6 +324,12 @@ def test_the_kl_matched_search_interpolates_eta_in_log_log(tmp_path):
     verdict, eta, closest = evaluate.match_kl(target, [first, run("b", 0.2, 0.8)]).split()
     assert verdict == "next" and float(eta) == pytest.approx(0.2 * math.exp((math.log(0.5) - math.log(0.8)) / slope), rel=2e-3)
     assert evaluate.match_kl(target, [first, run("c", 0.31, 0.46)]) == f"match {tmp_path / 'c'}"  # within 10%
+    # a run that has not finished (no config.json: failed, or still running) is named, not read as KL 1e-6
+    os.remove(tmp_path / "c" / "config.json")
+    with pytest.raises(SystemExit, match=r"--match_kl: .*/c is not a finished ppo_gi.py run \(no config.json; it may still be running"):
+        evaluate.match_kl(target, [first, str(tmp_path / "c")])
+    with pytest.raises(SystemExit, match=r"--runs: .*/nothing is not a finished ppo_gi.py run \(no ppo_args.json, config.json, metrics.jsonl\)"):
+        evaluate.run_table([str(tmp_path / "nothing")])
 
 
 def test_aggregate_mean_and_std_over_runs(tmp_path):
@@ -348,10 +356,11 @@ def _ppo_run(path, judge, slope, n=7, no_gi=False):
     groups = ("copy", "summary") if judge == "gold" else ("harmless", "helpful")
     rows = [{"step": 0, "train/loss": 1.0}] + [
         {"step": i, "objective/kl": 0.1 * i, "objective/scores": 1.0 + 0.5 * i, f"{judge}/mean": 0.5 + slope * i,
-         f"{judge}/{groups[0]}": 0.6, f"{judge}/{groups[1]}": 0.4 - 0.01 * i, "groups/size_0": 20.0 + i, "groups/size_1": 44.0 - i,
-         f"kl/{groups[0]}": 0.2 * i, f"kl/{groups[1]}": 0.05, "kl/mean": 0.1 * i}
+         f"{judge}/group/{groups[0]}": 0.6, f"{judge}/group/{groups[1]}": 0.4 - 0.01 * i, "groups/size_0": 20.0 + i, "groups/size_1": 44.0 - i,
+         f"kl/group/{groups[0]}": 0.2 * i, f"kl/group/{groups[1]}": 0.05, "kl/mean": 0.1 * i}
         for i in range(1, n + 1)]
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (path / "config.json").write_text("{}")  # a finished run
     return str(path)
 
 
@@ -395,3 +404,37 @@ def test_run_table_reports_the_judge_and_the_proxy(tmp_path):
     (bare / "metrics.jsonl").write_text("".join(json.dumps({"objective/kl": 0.1, "objective/scores": 2.0, "groups/size_0": 32.0}) + "\n"
                                                 for _ in range(3)))
     assert evaluate.run_table([str(bare)]).splitlines()[2].split(" | ")[3:7] == ["", "", "", "2.00"]
+
+
+def test_an_unreachable_llm_judge_gives_up_with_a_non_zero_exit(judge_server, monkeypatch):
+    """A judge that answers nothing (DOWN: every request fails) stops the run after --judge_give_up
+    requests in a row (before: every item was tried, with retries, and counted invalid); failures
+    between answers are counted invalid, as before."""
+    monkeypatch.setattr(evaluate.time, "sleep", lambda s: None)
+    args = evaluate.parser.parse_args(["--model", "m=x", "--opponents", "o=y", "--judges", "llm", "--judge_url", judge_server,
+                                       "--judge_model", "test", "--judge_retries", "0", "--judge_give_up", "3"])
+    mixed = evaluate.llm_outcomes(args, [f"q{i}" + (" DOWN" if i % 2 else "") for i in range(8)], ["GOOD"] * 8, ["bad"] * 8,
+                                  random.Random(0))
+    assert mixed == ["win", "invalid"] * 4  # every other request fails: never three in a row
+    with pytest.raises(SystemExit, match="gave no answer to 3 requests in a row .*stopped, nothing written") as e:
+        evaluate.llm_outcomes(args, [f"q{i} DOWN" for i in range(10)], ["GOOD"] * 10, ["bad"] * 10, random.Random(0))
+    assert e.value.code != 0 and sum(k.endswith("DOWN") for k in _Judge.calls) == 4 + 3
+
+
+def test_a_reward_model_with_nan_scores_or_no_stats_is_named_and_nothing_is_written(toy_sft_dir, tmp_path):
+    import plumbing
+    import reward
+    tok = plumbing.load_tokenizer(toy_sft_dir)
+    rm = reward.load_reward_model(toy_sft_dir, tok)
+    with torch.no_grad():
+        rm.hf.score.weight.fill_(float("nan"))
+    nan_rm, no_stats = str(tmp_path / "nan_rm"), str(tmp_path / "critic_like")
+    plumbing.save_model(rm, tok, nan_rm, plumbing.Dist(), extra={"reward_stats.json": {"mean": 0.0, "std": 1.0}})
+    plumbing.save_model(rm, tok, no_stats, plumbing.Dist())
+    base = ["--model", f"A={toy_sft_dir}", "--opponents", f"B={toy_sft_dir}", "--n_prompts", "4", "--splits", "test", "--judges", "gold", "rm"]
+    out = tmp_path / "eval"
+    with pytest.raises(SystemExit, match="gave 4 non-finite score.* to A's test responses: a broken reward model; nothing written"):
+        evaluate.main(evaluate.parser.parse_args(base + ["--reward", nan_rm, "--out", str(out)]))
+    assert not out.exists() or os.listdir(out) == []  # (before: a table of ties, then a crash in the plots)
+    with pytest.raises(SystemExit, match="critic_like: no reward_stats.json"):
+        evaluate.main(evaluate.parser.parse_args(base + ["--reward", no_stats, "--out", str(tmp_path / "e2")]))

@@ -272,7 +272,8 @@ def test_one_ppo_update_under_torchrun_equals_one_process(toy_sft_dir, tmp_path,
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
     run_script(["tests/ppo_update_check.py", toy_sft_dir, str(one), *flags])
-    run_script(["tests/ppo_update_check.py", toy_sft_dir, str(two), *flags], nproc=2)
+    proc = run_script(["tests/ppo_update_check.py", toy_sft_dir, str(two), *flags], nproc=2)
+    assert "returned a view tensor" not in proc.stderr  # FSDP2's warning on an output that is a view (the critic's values)
     a, b = torch.load(one / "state.pt"), torch.load(two / "state.pt")
     assert a.keys() == b.keys() and any(k.startswith("critic.group_head") for k in a)
     worst = max((a[k] - b[k]).abs().max().item() for k in a)

@@ -12,6 +12,7 @@ import pytest
 import safetensors.torch
 import torch
 
+import data
 import plumbing
 import ppo_gi
 import reward
@@ -162,7 +163,7 @@ def test_an_output_directory_in_use_by_another_run_is_refused(toy_sft_dir, tmp_p
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (out / ".lock").write_text(str(other.pid))
-        with pytest.raises(SystemExit, match=f"in use by another run \\(process {other.pid}"):
+        with pytest.raises(SystemExit, match=f"in use by another run \\(process {other.pid}.*the lock is stale .*: remove .*/.lock"):
             ppo_gi.main(ppo_gi.parser.parse_args(["--sft", toy_sft_dir, "--out", str(out), "--steps", "1", *PPO_SHORT]))
     finally:
         other.kill()
@@ -217,11 +218,17 @@ def test_max_len_must_hold_the_prompt_and_hub_ids_are_told_from_paths(toy_sft_di
         ppo_gi.main(ppo_gi.parser.parse_args(["--sft", toy_sft_dir, "--out", str(tmp_path / "p"), *PPO_SHORT, "--max_len", "8"]))
     assert "--max_len 8 must exceed --max_new_tokens 8" in capsys.readouterr().err
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(plumbing.models, "hub_reachable", lambda: True)
     for hub_id in ("gpt2", "openai-community/gpt2"):  # not looked up here: only told apart from a path
         plumbing.check_model_dir(hub_id, "--model", "lm")
     for path in ("runs/sft", "./sft", "a/b/c"):
         with pytest.raises(SystemExit, match="no such directory"):
             plumbing.check_model_dir(path, "--sft", "lm")
+    # with no network, a relative path under a missing folder (it looks like owner/name) is an error at once, not
+    # a minute of hub retries and a raw OSError
+    monkeypatch.setattr(plumbing.models, "hub_reachable", lambda: False)
+    with pytest.raises(SystemExit, match="--sft myruns/sft: myruns/ does not exist here, and as a hub model id it is neither"):
+        plumbing.check_model_dir("myruns/sft", "--sft", "lm")
 
 
 # the variants pipeline.sh runs (the toy pipeline, --study, --data hh): each resumes to the uninterrupted run
@@ -315,3 +322,34 @@ def test_saving_writes_nothing_beside_the_output_folder(toy_sft_dir, tmp_path):
     sft.main(sft.parser.parse_args(["--out", str(tmp_path / "sft"), "--save_every", "0", *SFT_SHORT]))
     assert (mine / "keep.txt").read_text() == "a user's file"
     assert sorted(os.listdir(tmp_path)) == ["sft", "sft.saving"]
+
+
+def test_bad_flags_and_inputs_are_errors_that_name_them(toy_sft_dir, tmp_path, capsys):
+    """Each of these was a traceback: --minibatch above --rollout_batch (a division by zero), a critic
+    (no reward_stats.json) as --reward (FileNotFoundError), groups.py's unchecked counts, a missing
+    --rollouts file; bad data a stage reads (data.DataError) is one line, exit status 2."""
+    with pytest.raises(SystemExit):
+        ppo_gi.main(ppo_gi.parser.parse_args(["--sft", toy_sft_dir, "--out", str(tmp_path / "p"), *PPO_SHORT, "--minibatch", "32"]))
+    assert "--batch_size (--minibatch) 32 exceeds --rollout_batch 16" in capsys.readouterr().err
+    critic = str(tmp_path / "critic")
+    tok = plumbing.load_tokenizer(toy_sft_dir)
+    plumbing.save_model(reward.load_reward_model(toy_sft_dir, tok), tok, critic, plumbing.Dist())
+    with pytest.raises(SystemExit, match="--reward .*critic: no reward_stats.json"):
+        ppo_gi.main(ppo_gi.parser.parse_args(["--sft", toy_sft_dir, "--out", str(tmp_path / "p"), *PPO_SHORT, "--reward", critic]))
+    import groups
+    for flags in (["--n_groups", "1"], ["--fit_steps", "-1"], ["--min_group_frac", "-0.5"], ["--lr", "0"], ["--max_len", "0"]):
+        with pytest.raises(SystemExit):
+            groups.parser.parse_args(flags)
+        assert flags[0] in capsys.readouterr().err
+    with pytest.raises(data.DataError, match="--rollouts .*nope.jsonl: no such file"):  # (plumbing.run_main: one line, exit 2)
+        groups.main(groups.parser.parse_args(["--rollouts", str(tmp_path / "nope.jsonl"), "--critic", critic]))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p", "response": " r"}\n{not json\n')
+    proc = subprocess.run([sys.executable, "sft.py", "--data", str(bad), "--split", "all", "--out", str(tmp_path / "s")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and f"{bad}, line 2" in proc.stderr
+
+
+def test_a_group_named_mean_does_not_overwrite_the_overall_mean():
+    out = plumbing.group_means("kl", [1.0, 3.0, 8.0], ["mean", "mean", "other"], ["mean", "other"], plumbing.Dist())
+    assert out == {"kl/group/mean": 2.0, "kl/group/other": 8.0, "kl/mean": 4.0}  # (before: kl/mean was the group's 2.0)

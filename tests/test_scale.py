@@ -71,7 +71,8 @@ def test_ppo_learning_rate_warms_up_then_decays(toy_sft_dir, tmp_path):
     ppo_gi.main(ppo_gi.parser.parse_args(["--sft", toy_sft_dir, "--out", out, "--steps", "4", "--save_every", "0", *PPO_SHORT,
                                           "--lr", "1e-4", "--warmup", "2", "--decay", "cosine"]))
     lrs = [r["lr"] for r in read_metrics(os.path.join(out, "metrics.jsonl")) if "lr" in r]
-    assert lrs == pytest.approx([sft.lr_at(i, 4, 2, 1e-4) for i in range(4)]) and lrs[1] == pytest.approx(1e-4) and lrs[3] < lrs[2]
+    # warm-up over 2 iterations, then the cosine from the peak to 10% at the last iteration (before: 55%; 33% at 3 steps)
+    assert lrs == pytest.approx([5e-5, 1e-4, 1e-4, 1e-5])
 
 
 def test_gradient_checkpointing_gives_the_same_training(tmp_path):
@@ -115,6 +116,6 @@ def test_a_judge_reward_model_only_watches(toy_sft_dir, tmp_path):
         out = str(tmp_path / name)
         ppo_gi.main(ppo_gi.parser.parse_args(["--sft", toy_sft_dir, "--out", out, "--steps", "2", "--save_every", "0", *PPO_SHORT, *flags]))
         logs[name] = read_metrics(os.path.join(out, "metrics.jsonl"))
-    assert all("judge/mean" in r and "judge/copy" in r for r in logs["judged"] if "objective/kl" in r)
+    assert all("judge/mean" in r and "judge/group/copy" in r for r in logs["judged"] if "objective/kl" in r)
     strip = lambda rows: [{k: v for k, v in r.items() if k.startswith(("objective/", "policy/", "gold/"))} for r in rows]  # noqa: E731
     assert strip(logs["plain"]) == strip(logs["judged"])

@@ -1,4 +1,5 @@
 import os
+import re
 
 import pytest
 import torch
@@ -97,12 +98,16 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     """1 process = 1 process with 4 micro-batches = 1 process for 3 of 6 steps, its checkpoint resumed
     under 2 processes (steps 4-6 on 2 ranks, and a checkpoint that changes its number of ranks)."""
     one, accum, part = (str(tmp_path / n) for n in ("one", "accum", "part"))
-    run_script(["sft.py", "--out", one, "--steps", "6", "--save_every", "0", *TINY_RUN])
+    alone = run_script(["sft.py", "--out", one, "--steps", "6", "--save_every", "0", *TINY_RUN])
     run_script(["sft.py", "--out", accum, "--steps", "6", "--save_every", "0", "--grad_accum", "4", *TINY_RUN])
     run_script(["sft.py", "--out", part, "--steps", "6", "--save_every", "3", "--stop_at", "3", *TINY_RUN])
-    run_script(["sft.py", "--out", part, "--steps", "6", "--save_every", "3", "--resume", *TINY_RUN], nproc=2)
+    sharded = run_script(["sft.py", "--out", part, "--steps", "6", "--save_every", "3", "--resume", *TINY_RUN], nproc=2)
     _assert_same_run(one, accum)
     _assert_same_run(one, part)  # steps 4-6 on 2 processes
+    params = lambda proc: re.search(r"\(~([\d.]+)M params\)", proc.stdout).group(1)  # noqa: E731  (before: doubled under 2)
+    assert params(sharded) == params(alone) == "1.1"
+    # the final held-out loss is logged once, at the last step
+    assert [r["step"] for r in read_metrics(os.path.join(one, "metrics.jsonl")) if "eval/loss" in r].count(6) == 1
 
 
 def test_resume_equals_uninterrupted(tmp_path):
