@@ -14,6 +14,7 @@ draws each, and whether a seed gives both the same numbers).
     python bench/generate.py                      # the CPU default thread count
     python bench/generate.py --cache static       # another KV cache kind (CUDA: compiled too)
     python bench/generate.py --temperature 0      # greedy
+    python bench/generate.py --calls 1 --batch 2 --new_tokens 4   # a quick run (tests/test_bench.py)
 """
 import argparse
 import json

@@ -1,18 +1,21 @@
 """Where a trainer's time goes: torch.profiler's table of operators (a diagnostic, not a test).
 
-Runs reward.py, dpo.py (bench/preference.py's settings) or ppo_gi.py (bench/ppo_step.py's, GI-PPO)
-in this process on bench/workload.py's tiny GPT-2, profiles the training loop (reward, dpo: all 32
-steps, and the held-out evaluation on 8 pairs that ends the loop, a few % of it; ppo: the 4th
-iteration's rollout and update, separately), and prints the top operators by self CPU time (on
-CUDA: by self GPU time). Optimizer.step's row gives AdamW: its "CPU total" includes the operators
-it calls. A summary line per table sums the matrix products (aten::mm, addmm, bmm, baddbmm: the FLOPs
-torch.profiler counts for them, their self time, the rate) against the rest of the self time: the
-products alone bound how fast the call can be; a JSON line repeats it with the top operators. The
-first line gives the machine's rate on one large product (CPU: 2048² float32; CUDA: 8192² bf16).
-`--flags` replaces the workload's flags with a stage's own (sft.py, whose loop is profiled whole,
-needs them; bench/gpu_check.py's sft_profile stage passes its SFT flags).
+Runs reward.py, dpo.py (bench/preference.py's settings) or ppo_gi.py (bench/ppo_step.py's, GI-PPO,
+with the workload's reward-model directory as reward model and critic) in this process on
+bench/workload.py's tiny GPT-2, profiles the training loop (reward, dpo: all 32 steps, and the
+held-out evaluation on 8 pairs that ends the loop, a few % of it; ppo: the 4th iteration's rollout
+and update, separately; with --steps N: N steps, ppo's N-th iteration profiled), and prints the
+top operators by self CPU time (on CUDA: by self GPU time). Optimizer.step's row gives AdamW: its
+"CPU total" includes the operators it calls. A summary line per table sums the matrix products
+(aten::mm, addmm, bmm, baddbmm: the FLOPs torch.profiler counts for them, their self time, the
+rate) against the rest of the self time: the products alone bound how fast the call can be; a JSON
+line repeats it with the top operators. The first line gives the machine's rate on one large
+product (CPU: 2048² float32; CUDA: 8192² bf16). `--flags` replaces the workload's flags with a
+stage's own (sft.py, whose loop is profiled whole, needs them; bench/gpu_check.py's sft_profile
+stage passes its SFT flags).
 
     OMP_NUM_THREADS=1 python bench/op_profile.py reward      # or dpo, ppo; --rows N
+    python bench/op_profile.py ppo --steps 1 --rows 3        # a quick run (tests/test_bench.py)
     python bench/op_profile.py sft --flags "--model M --data D --steps 4 ..."
 """
 import argparse
@@ -32,6 +35,7 @@ from workload import build_workload, ppo_flags, preference_flags  # (it puts the
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("trainer", choices=["reward", "dpo", "ppo", "sft"])
 parser.add_argument("--rows", type=int, default=15, help="operators to print")
+parser.add_argument("--steps", type=int, default=None, help="the workload's steps (default: reward, dpo 32; ppo 4, the last profiled)")
 parser.add_argument("--flags", default=None, help="the stage's own flags, in one string, instead of the workload's (sft: required)")
 PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
 
@@ -88,10 +92,13 @@ def main(args, folder):
     print(f"one {what} product, {on}: {rate:.0f} GFLOP/s")
     if args.trainer == "sft" and not args.flags:
         parser.error("sft: give its flags with --flags (the benchmark workload has no SFT demonstrations)")
+    if args.steps is not None and (args.steps < 1 or args.flags):
+        parser.error("--steps: a count ≥ 1, for the workload (with --flags, give the stage's own --steps there)")
+    ppo_steps = args.steps or 4
     if args.trainer == "ppo":
         import ppo_gi as stage
-        stage.rollout = profiled(stage.rollout, "rollout of iteration 4 (generation and scoring)", args.rows, call=4)
-        stage.ppo_update = profiled(stage.ppo_update, "PPO update of iteration 4", args.rows, call=4)
+        stage.rollout = profiled(stage.rollout, f"rollout of iteration {ppo_steps} (generation and scoring)", args.rows, call=ppo_steps)
+        stage.ppo_update = profiled(stage.ppo_update, f"PPO update of iteration {ppo_steps}", args.rows, call=ppo_steps)
     else:
         stage = __import__(args.trainer)
         loop_owner = stage if args.trainer == "sft" else stage.sft
@@ -101,7 +108,8 @@ def main(args, folder):
     else:
         build_workload(folder)
         out = os.path.join(folder, "out")
-        flags = ppo_flags(folder, out, steps=4) if args.trainer == "ppo" else preference_flags(args.trainer, folder, out)
+        flags = (ppo_flags(folder, out, steps=ppo_steps) if args.trainer == "ppo"
+                 else preference_flags(args.trainer, folder, out, steps=args.steps or 32))
     stage.main(stage.parser.parse_args(flags))
 
 

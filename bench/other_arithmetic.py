@@ -16,6 +16,7 @@ with π_ref's precompute counted; PPO: of median step times). Multiplied by a ro
 TRL (bench/trl_peers.py), it says where a variant would stand against the targets.
 
     OMP_NUM_THREADS=1 python bench/other_arithmetic.py --rounds 3
+    python bench/other_arithmetic.py --rounds 1 --work reward gi_ppo --steps 2 --warmup 0 --timed 1   # a quick run (tests/test_bench.py)
 """
 import argparse
 import json
@@ -57,15 +58,16 @@ def child(variant, script, args):
     runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
 
 
-def one_run(work, variant, folder, tag):
+def one_run(work, variant, folder, tag, args):
     python = (sys.executable, os.path.abspath(__file__), "--child", variant)
-    out = os.path.join(folder, f"{work}-{variant}-{tag}")
+    out = os.path.join(folder, f"{work}-{variant}-{tag}")  # a fresh --out per run (the stages refuse a used one)
     if work == "gi_ppo":
-        line = ppo_step.run("gi_ppo", folder, python=python, out=out)
+        line = ppo_step.run("gi_ppo", folder, python=python, out=out, warmup=args.warmup, timed=args.timed)
         return line, 1.0 / line["step_median_s"]
-    line = preference.run(work, folder, python=python, out=out)
-    # dpo: with π_ref's precompute counted, as bench/preference.py counts it (256 pairs)
-    return line, 1.0 / (256 / line["pairs_per_s"] + line.get("ref_precompute_s", 0.0))
+    line = preference.run(work, folder, python=python, out=out, steps=args.steps)
+    # dpo: with π_ref's precompute counted, as bench/preference.py counts it (8 pairs a step: 256 pairs in 32 steps)
+    pairs = 8 * args.steps
+    return line, 1.0 / (pairs / line["pairs_per_s"] + line.get("ref_precompute_s", 0.0))
 
 
 def main(args):
@@ -74,7 +76,7 @@ def main(args):
         for r in range(args.first_round, args.first_round + args.rounds):
             order = VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]
             for work in args.work:
-                runs = {v: one_run(work, v, folder, r) for v in order}
+                runs = {v: one_run(work, v, folder, r, args) for v in order}
                 for v in VARIANTS:
                     line, speed = runs[v]
                     print(json.dumps({**line, "round": r, "work": work, "variant": v,
@@ -91,4 +93,10 @@ if __name__ == "__main__":
         parser.add_argument("--rounds", type=int, default=3, help="rounds of every variant of every trainer")
         parser.add_argument("--first_round", type=int, default=0, help="the first round's number (the order of the variants rotates with it)")
         parser.add_argument("--work", nargs="+", choices=WORK, default=list(WORK), help="which trainers")
-        main(parser.parse_args())
+        parser.add_argument("--steps", type=int, default=preference.STEPS, help="reward, dpo: optimizer steps of 8 pairs (bench/preference.py's)")
+        parser.add_argument("--warmup", type=int, default=ppo_step.WARMUP, help="gi_ppo: warm-up steps, not timed (bench/ppo_step.py's)")
+        parser.add_argument("--timed", type=int, default=ppo_step.TIMED, help="gi_ppo: timed steps (bench/ppo_step.py's)")
+        args = parser.parse_args()
+        if args.rounds < 1 or args.steps < 1 or args.warmup < 0 or args.timed < 1:
+            parser.error("--rounds, --steps and --timed must be ≥ 1, --warmup ≥ 0")
+        main(args)

@@ -9,7 +9,9 @@ dpo.py computes π_ref's log-probs of the 256 pairs once before its loop (--prec
 default): ref_precompute_s, outside pairs/s; 256 / (256 / pairs_per_s + ref_precompute_s) counts it.
 
     python bench/preference.py            # prints one JSON line per trainer
+    python bench/preference.py --steps 2  # a quick run (tests/test_bench.py)
 """
+import argparse
 import json
 import os
 import subprocess
@@ -20,14 +22,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from workload import build_workload, preference_flags  # noqa: E402
 
+STEPS = 32
 
-def run(trainer, folder, python=(sys.executable,), out=None):
+
+def run(trainer, folder, python=(sys.executable,), out=None, steps=STEPS):
     """One trainer's JSON line; `python` is the command that runs its script (bench/other_arithmetic.py
-    passes its own)."""
+    passes its own); `out` must be a folder no earlier run has used (the stages refuse one that holds
+    a run)."""
     out = out or os.path.join(folder, trainer)
-    cmd = [*python, f"{trainer}.py", *preference_flags(trainer, folder, out)]
+    cmd = [*python, f"{trainer}.py", *preference_flags(trainer, folder, out, steps)]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    subprocess.run(cmd, cwd=ROOT, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:  # say why: a stage's check (a refused flag, a wrong directory) ends with its message
+        raise SystemExit(f"bench: {' '.join(cmd)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rows = list(map(json.loads, f))
     last = [r for r in rows if "perf/examples_per_s" in r][-1]
@@ -37,8 +44,13 @@ def run(trainer, folder, python=(sys.executable,), out=None):
 
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=STEPS, help="optimizer steps of 8 pairs per trainer")
+    args = parser.parse_args()
+    if args.steps < 1:
+        parser.error("--steps must be ≥ 1")
     with tempfile.TemporaryDirectory() as folder:
         vocab, n_single = build_workload(folder)
         assert vocab == 4096, f"tokenizer has {vocab} tokens, expected 4096"
         for trainer in ("dpo", "reward"):
-            print(json.dumps(run(trainer, folder)), flush=True)
+            print(json.dumps(run(trainer, folder, steps=args.steps)), flush=True)
