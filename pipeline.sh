@@ -77,7 +77,7 @@ while [ $# -gt 0 ]; do
 done
 case "$DATA" in toy|hh) ;; *) echo "pipeline.sh: --data $DATA: choose toy or hh" >&2; exit 2 ;; esac
 case "$PRESET" in cpu|gpu) ;; *) echo "pipeline.sh: --preset $PRESET: choose cpu or gpu" >&2; exit 2 ;; esac
-if [ "$DATA" = hh ]; then OUT="${OUT:-runs/pipeline-s$SEED-hh-$PRESET$([ "$TINY" = 1 ] && echo -tiny)}"; else OUT="${OUT:-runs/pipeline-s$SEED}"; fi
+if [ "$DATA" = hh ]; then OUT="${OUT:-runs/pipeline-s$SEED-hh-$PRESET$([ "$TINY" = 1 ] && echo -tiny || true)}"; else OUT="${OUT:-runs/pipeline-s$SEED}"; fi
 SFT_STEPS="${SFT_STEPS:-400}"        # SFT steps: short of convergence, so RL has room to improve on SFT
 RM_STEPS="${RM_STEPS:-150}"          # reward-model steps
 DPO_STEPS="${DPO_STEPS:-100}"        # DPO steps
@@ -129,7 +129,7 @@ stage() {  # stage NAME DONE_FILE COMMAND...: run unless DONE_FILE exists from t
   echo "== $name"
   local t0; t0=$(date +%s)
   "$@"
-  echo "$args" > "$record"
+  mkdir -p "$dir" && echo "$args" > "$record"
   echo "== $name: $(( $(date +%s) - t0 )) s"
   RAN=1
 }

@@ -417,7 +417,7 @@ def test_an_unreachable_llm_judge_gives_up_with_a_non_zero_exit(judge_server, mo
                                   random.Random(0))
     assert mixed == ["win", "invalid"] * 4  # every other request fails: never three in a row
     with pytest.raises(SystemExit, match="gave no answer to 3 requests in a row .*stopped, nothing written") as e:
-        evaluate.llm_outcomes(args, [f"q{i} DOWN" for i in range(10)], ["GOOD"] * 10, ["bad"] * 10, random.Random(0))
+        evaluate.llm_outcomes(args, [f"r{i} DOWN" for i in range(10)], ["GOOD"] * 10, ["bad"] * 10, random.Random(0))
     assert e.value.code != 0 and sum(k.endswith("DOWN") for k in _Judge.calls) == 4 + 3
 
 

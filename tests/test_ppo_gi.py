@@ -350,7 +350,7 @@ def test_end_to_end_variants_on_the_builtin_task(toy_sft_dir, tmp_path, capsys):
         assert log[-1]["eval/gold_mean"] == pytest.approx(results[name], abs=1e-6), name
         if name == "GI-PPO":
             assert {"groups/size_0", "groups/size_1", "groups/r_var_theta", "groups/p_high_mean", "groups/grad_cos",
-                    "groups/weight_abs_mean", "gold/lookup"} <= log[0].keys()
+                    "groups/weight_abs_mean", "gold/group/lookup"} <= log[0].keys()
             rollouts = os.path.join(out, "rollouts.jsonl")
             groups.main(groups.parser.parse_args(["--rollouts", rollouts, "--critic", os.path.join(out, "critic")]))
             printed = capsys.readouterr().out
