@@ -636,7 +636,7 @@ def main(args):
         with open(os.path.join(args.reward, "reward_stats.json")) as f:
             rm_margin = args.rm_tie_margin * json.load(f)["std"]
         for (name, s), texts in plumbing.progress(list(responses.items()), plumbing.Dist(), desc="evaluate: rm scores"):
-            scores["rm", name, s] = reward.score(rm, tokenizer, prompts[s], texts).tolist()
+            scores["rm", name, s] = reward.score(rm, tokenizer, prompts[s], texts, max_len=args.max_len).tolist()  # as the policies saw them
             bad = sum(not math.isfinite(x) for x in scores["rm", name, s])
             if bad:
                 raise SystemExit(f"evaluate: --reward {args.reward} gave {bad} non-finite score(s) (NaN or inf) to {name}'s "
