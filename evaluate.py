@@ -1,24 +1,21 @@
-"""evaluate.py: the paper's evaluation. Win / Tie / Lose of one model against each opponent.
+"""evaluate.py: the paper's evaluation, Win / Tie / Lose of one model against each opponent.
 
 Every model answers the same prompts with the same decoding (greedy by default, seeded when
 sampling); then each judge compares the model's response with each opponent's, item by item:
-  gold  the built-in task's gold judge (data.gold_score, standing in for GPT-4 and humans)
-  rm    a reward model (--reward); a tie within --rm_tie_margin × its std. On real data it is the
-        *judge* RM of Gao et al. (2022): trained on the `judge` split, which no policy or proxy RM
-        sees, with a larger budget
+  gold  the built-in task's gold judge (toy.gold_score, standing in for GPT-4 and humans)
+  rm    a reward model (--reward), a tie within --rm_tie_margin × its std. On real data the *judge*
+        RM of Gao et al. (2022): trained on the `judge` split, which no policy or proxy RM sees
   llm   an OpenAI-compatible endpoint (--judge_url, --judge_model) asked the paper's GPT-4 question;
         the A/B order drawn per item; a failed request, a redirect or no verdict counts `invalid`
-Percentages are over all items (win + tie + lose + invalid = 100), per split (the built-in task's
-test and ood; real data's test and --ood_data) and per prompt group; per model also the gold per
-true group with the worst group and the best − worst gap, and the RM's score distribution.
+Percentages are over all items (win + tie + lose + invalid = 100), per split and per prompt group,
+with the gold per true group (worst group, best − worst) and the RM's score distribution.
+Reports over several runs, seeds and the study (and the plots) are study/reports.py.
 
     python evaluate.py --model GI-PPO=runs/gi_ppo --opponents SFT=runs/sft "PPO w/ KL=runs/ppo_kl" --reward runs/reward
     python evaluate.py --data ../shared/data/hh-rlhf --group_by harm --model … --opponents … --reward runs/judge_rm \
         --ood_data ../shared/data/ood/pku-saferlhf
-    python evaluate.py --aggregate | --runs | --study | --match_kl …   # reports on finished runs (--help)
 
-Writes --out: results.json, table.md, responses.jsonl and plots (reward distributions, gold per
-group, training curves, gold_vs_kl.png: the judge's and the proxy's score against KL per PPO run).
+Writes --out: results.json (every judge's score of every response, for paired reports), table.md, responses.jsonl.
 """
 import argparse
 import json
@@ -34,19 +31,13 @@ import torch
 import data
 import plumbing
 import reward
+import toy
 
-GOLD_KL_WINDOW = 5  # gold_vs_kl.png: running mean over this many PPO iterations (each a 64-sample rollout)
-JUDGE_LOGS = {"gold": "gold", "judge": "judge RM"}  # ppo_gi.py's metrics of the judge's score of its rollouts: prefix -> name
 
 # fmt: off
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 parser.add_argument("--model", help="NAME=DIR of the model under evaluation (DIR alone: NAME is its folder name)")
 parser.add_argument("--opponents", nargs="+", help="NAME=DIR of each opponent")
-parser.add_argument("--aggregate", nargs="+", metavar="RESULTS_JSON", help="instead: mean ± std over seeds of several results.json files, as markdown")
-parser.add_argument("--runs", nargs="+", metavar="PPO_DIR", help="instead: a markdown table of ppo_gi.py runs from their metrics.jsonl (RL gold or judge RM, proxy RM, KL, groups)")
-parser.add_argument("--study", nargs="+", metavar="RESULTS_JSON", help="instead: the study's table over seeds (one results.json per seed, pipeline.sh --study) and its figure in --out")
-parser.add_argument("--versus", default=None, help="--study: pair every row against this row instead of the model under evaluation")
-parser.add_argument("--match_kl", nargs="+", metavar="DIR", help="instead: the KL-matched control's search, TARGET_RUN CANDIDATE_RUNS…: prints 'match DIR', or 'next ETA CLOSEST_DIR'")
 parser.add_argument("--data", default="toy", help="data.py spec of the prompts")
 parser.add_argument("--splits", nargs="+", default=None, help="prompt splits, each a column of the table; default: test ood (toy), test (real data, plus ood with --ood_data)")
 parser.add_argument("--ood_data", default=None, help="real data: data.py spec of out-of-domain prompts from another source (e.g. PKU-SafeRLHF), the `ood` column")
@@ -235,363 +226,24 @@ def group_table(group_rows, summaries):
     return "\n".join(lines) + "\n"
 
 
-def pyplot():
-    """matplotlib.pyplot (Agg backend), or None, said aloud, where matplotlib is not installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        return plt
-    except ImportError:
-        print("evaluate: matplotlib not installed (pip install -r requirements.txt), no plots")
-        return None
-
-
-def save(fig, out, name):
-    os.makedirs(out, exist_ok=True)
-    fig.savefig(os.path.join(out, name), dpi=120, bbox_inches="tight")
-    pyplot().close(fig)
-
-
-def plot(out, model_dirs, group_rows, rm_scores):
-    """PNG plots where matplotlib is installed: reward distributions, per-group gold, training curves,
-    the judge's and the proxy's score against KL."""
-    plt = pyplot()
-    if plt is None:
-        return
-    if rm_scores:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for (name, split), s in rm_scores.items():
-            ax.hist(s, bins=30, histtype="step", label=f"{name} ({split})")
-        ax.set(xlabel="reward model score", ylabel="responses", title="reward distribution")
-        ax.legend(fontsize=6)
-        save(fig, out, "reward_distribution.png")
-    if group_rows:
-        splits, groups = list(dict.fromkeys(r["split"] for r in group_rows)), list(dict.fromkeys(r["group"] for r in group_rows))
-        names = list(dict.fromkeys(r["model"] for r in group_rows))
-        fig, axes = plt.subplots(1, len(splits), figsize=(6 * len(splits), 4), squeeze=False)
-        for ax, split in zip(axes[0], splits):
-            for k, name in enumerate(names):
-                means = {r["group"]: r["gold_mean"] for r in group_rows if r["model"] == name and r["split"] == split}
-                ax.bar(np.arange(len(groups)) + k / (len(names) + 1), [means.get(g, 0) for g in groups], 1 / (len(names) + 1), label=name)
-            ax.set_xticks(np.arange(len(groups)) + (len(names) - 1) / (2 * (len(names) + 1)), groups)
-            ax.set(ylabel="mean gold score", title=f"gold per true group ({split})")
-        axes[0][0].legend(fontsize=6)
-        save(fig, out, "gold_per_group.png")
-    plot_gold_vs_kl(out, model_dirs)
-    logs = {name: training_log(path) for name, path in model_dirs.items()}
-    keys = [k for k in ("train/loss", "objective/scores", "objective/kl", "gold/mean", "judge/mean") if any(k in r for v in logs.values() for r in v)]
-    if keys:
-        fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5), squeeze=False)
-        for ax, key in zip(axes[0], keys):
-            for name, rows in logs.items():
-                pts = [(r["step"], r[key]) for r in rows if key in r]
-                if pts:
-                    ax.plot(*zip(*pts), label=name)
-            ax.set(title=key, xlabel="step")
-            ax.legend(fontsize=6)
-        save(fig, out, "training_curves.png")
-
-
-def training_log(path):
-    """The rows of a model directory's metrics.jsonl ([] when it has none, e.g. a hub model)."""
-    log = os.path.join(path, "metrics.jsonl")
-    if not os.path.exists(log):
-        return []
-    with open(log) as f:
-        return [json.loads(line) for line in f]
-
-
-def judge_prefix(rows):
-    """Which judge a ppo_gi.py log scored its rollouts with: 'gold' (gold/*, the built-in task), else
-    'judge' (judge/*, the judge RM of ppo_gi.py --judge_reward on real data), else None."""
-    return next((j for j in JUDGE_LOGS if any(f"{j}/mean" in r for r in rows)), None)
-
-
-def gold_vs_kl(path, window=GOLD_KL_WINDOW):
-    """The over-optimization curve of one ppo_gi.py run (Gao et al. 2022): per iteration, the KL
-    from π^SFT, the judge's score of the sampled rollouts (`scores`: the mean and per group) and the
-    proxy RM's (objective/scores), each a running mean over `window` iterations. The judge is gold
-    where the run logged gold/*, else the judge RM (judge/*). {} when it logged neither."""
-    rows = training_log(path)
-    judge = judge_prefix(rows)
-    rows = [r for r in rows if judge and "objective/kl" in r and f"{judge}/mean" in r]
-    if not rows:
-        return {}
-    smooth = lambda xs: [float(np.mean(xs[max(0, i - window + 1): i + 1])) for i in range(len(xs))]  # noqa: E731
-    keys = [f"{judge}/mean"] + sorted(k for k in rows[-1] if k.startswith(f"{judge}/group/"))
-    curve = {"judge": judge, "kl": smooth([r["objective/kl"] for r in rows]),
-             "scores": {k.rpartition("/")[2] if "/group/" in k else "mean": smooth([r.get(k, np.nan) for r in rows]) for k in keys}}
-    if all("objective/scores" in r for r in rows):
-        curve["proxy"] = smooth([r["objective/scores"] for r in rows])
-    return curve
-
-
-def plot_gold_vs_kl(out, model_dirs):
-    """gold_vs_kl.png: the judge's score (gold, or the judge RM's) against KL for every PPO run among
-    the models, one panel for the mean and one per group; the mean's panel also draws the proxy RM's
-    score, dashed on its own axis (Gao et al.'s picture). Written only when some run logged a judge."""
-    curves = {name: c for name, path in model_dirs.items() if (c := gold_vs_kl(path))}
-    plt = pyplot() if curves else None
-    if plt is None:
-        return
-    judge = " / ".join(dict.fromkeys(JUDGE_LOGS[c["judge"]] for c in curves.values()))
-    panels = list(dict.fromkeys(k for c in curves.values() for k in c["scores"]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 3.4), squeeze=False, layout="constrained")
-    for ax, panel in zip(axes[0], panels):
-        for k, (name, c) in enumerate(curves.items()):
-            if panel in c["scores"]:
-                ax.plot(c["kl"], c["scores"][panel], color=f"C{k}", marker=".", markersize=3, label=name)
-        ax.set(xlabel="KL(π || π_SFT), per response", title=f"{judge}: {panel}")
-    ax = axes[0][0]
-    ax.set(ylabel=f"{judge} (sampled rollouts)")
-    handles, labels = ax.get_legend_handles_labels()
-    if any("proxy" in c for c in curves.values()):
-        twin = ax.twinx()
-        for k, (name, c) in enumerate(curves.items()):
-            if "proxy" in c:
-                twin.plot(c["kl"], c["proxy"], color=f"C{k}", ls="--", lw=1, label=f"{name}: proxy RM")
-        twin.set(ylabel="proxy RM score (dashed)")
-        handles, labels = [a + b for a, b in zip((handles, labels), twin.get_legend_handles_labels())]
-    ax.legend(handles, labels, fontsize=6)
-    fig.suptitle(f"{judge} vs KL over PPO iterations (running mean of {GOLD_KL_WINDOW})", fontsize=9)
-    save(fig, out, "gold_vs_kl.png")
-
-
-def aggregate(paths):
-    """Mean ± std (over the files, e.g. seeds) of every win rate (overall and per group) and of
-    every model's gold summary."""
-    runs = []
-    for path in paths:
-        with open(path) as f:
-            runs.append(json.load(f))
-    ms = lambda xs: f"{np.mean(xs):.1f} ± {np.std(xs):.1f}"  # noqa: E731
-    fmt = lambda w: " / ".join(ms([x[k] for x in w["runs"]]) for k in ("win", "tie", "lose"))  # noqa: E731
-    lines = [f"Mean ± population std over {len(runs)} runs ({', '.join(paths)})."]
-    for key in ("winrates", "winrates_by_group"):
-        cells = {}  # one row per judge, opponent (, group) and split, holding every file's
-        for r in runs:
-            for w in r.get(key, []):
-                cells.setdefault(tuple(w.get(k) for k in ("judge", "opponent", "group", "split")), {**w, "runs": []})["runs"].append(w)
-        if cells:
-            splits = list(dict.fromkeys(k[3] for k in cells))
-            lines += ["", markdown_table(list(cells.values()), runs[0]["winrates"][0]["model"], splits, fmt).rstrip("\n")]
-    summaries = {}
-    for r in runs:
-        for g in r["groups"]:
-            summaries.setdefault((g["model"], g["split"]), {}).setdefault(g["group"], []).append(g["gold_mean"])
-    if summaries:
-        groups = list(dict.fromkeys(g for v in summaries.values() for g in v))
-        lines += ["", "| model | split | " + " | ".join(groups) + " | mean of groups | best − worst |", "|---|---|" + "---:|" * (len(groups) + 2)]
-        for (name, split), by_group in summaries.items():
-            per_run = np.array([by_group[g] for g in groups]).T  # [runs, groups]
-            lines.append(f"| {name} | {split} | " + " | ".join(f"{np.mean(by_group[g]):.3f}" for g in groups)
-                         + f" | {np.mean(per_run.mean(1)):.3f} ± {np.std(per_run.mean(1)):.3f}"
-                         + f" | {np.mean(per_run.max(1) - per_run.min(1)):.3f} ± {np.std(per_run.max(1) - per_run.min(1)):.3f} |")
-    rewards = {}
-    for r in runs:
-        for x in r.get("rewards", []):
-            rewards.setdefault((x["model"], x["split"]), []).append(x)
-    if rewards:
-        keys = ("mean", "q05", "q50", "q95", "skewness")
-        lines += ["", "| model | split | RM " + " | RM ".join(keys) + " |", "|---|---|" + "---:|" * len(keys)]
-        for (name, split), xs in rewards.items():
-            lines.append(f"| {name} | {split} | " + " | ".join(f"{np.mean([x[k] for x in xs]):.2f} ± {np.std([x[k] for x in xs]):.2f}"
-                                                              for k in keys) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def run_table(dirs, last=10):
-    """One row per ppo_gi.py run, from its metrics.jsonl: the judge's score of the sampled RL rollouts
-    (gold, or the judge RM's with ppo_gi.py --judge_reward; judge_prefix) over the first and the last
-    `last` iterations and its worst group, the proxy RM's score and the KL over the last iterations,
-    the largest KL, the KL on each true group (kl/<group>), the smaller inferred group, and the final
-    greedy test gold."""
-    rows_out, judges = [], []
-    for run in dirs:
-        check_ppo_run(run, "--runs")
-        with open(os.path.join(run, "ppo_args.json")) as f:
-            a = json.load(f)
-        rows = training_log(run)
-        its = [r for r in rows if "objective/kl" in r]
-        tail = its[-last:]
-        mean = lambda k, rs=tail: float(np.mean([r[k] for r in rs]))  # noqa: E731
-        j = judge_prefix(its)
-        judges += [JUDGE_LOGS[j]] if j else []
-        by_group = {k[len(f"{j}/group/"):]: mean(k) for k in tail[-1] if k.startswith(f"{j}/group/")} if j else {}
-        worst = min(by_group, key=by_group.get) if by_group else None
-        sizes = [mean(k) for k in tail[-1] if k.startswith("groups/size_")]
-        kl_by_group = ", ".join(f"{k[len('kl/group/'):]} {mean(k):.2f}" for k in sorted(tail[-1]) if k.startswith("kl/group/"))
-        greedy = [r["eval/gold_mean"] for r in rows if "eval/gold_mean" in r]
-        cells = [os.path.normpath(run), "0" if a["no_gi"] else f"{a['beta_policy']:g}", "" if a["lr"] == 0 else f"{a['kl_coef']:g}",
-                 f"{mean(f'{j}/mean', its[:last]):.3f}" if j else "", f"{mean(f'{j}/mean'):.3f}" if j else "",
-                 f"{worst} {by_group[worst]:.3f}" if worst else "", f"{mean('objective/scores'):.2f}" if "objective/scores" in tail[-1] else "",
-                 f"{mean('objective/kl'):.2f}",
-                 f"{max(r['objective/kl'] for r in its):.1f}", kl_by_group, "" if a["no_gi"] else f"{min(sizes):.1f} of {a['rollout_batch']}",
-                 f"{greedy[-1]:.3f}" if greedy else ""]
-        rows_out.append("| " + " | ".join(cells) + " |")
-    judge = " / ".join(dict.fromkeys(judges)) or "gold"
-    return "\n".join([f"| run | β_policy | η | RL {judge}, first {last} | RL {judge}, last {last} | worst group ({judge}) | proxy RM score "
-                      "| KL | max KL | KL by true group | smaller group | greedy test gold |",
-                      "|---|---:|---:|---:|---:|---|---:|---:|---:|---|---:|---:|", *rows_out]) + "\n"
-
-
-def check_ppo_run(path, flag):
-    """`path` must be a finished ppo_gi.py run (ppo_args.json and config.json, written at its end, and
-    a log with objective/kl), or the report names it and stops."""
-    missing = [f for f in ("ppo_args.json", "config.json", "metrics.jsonl") if not os.path.isfile(os.path.join(path, f))]
-    if missing:
-        raise SystemExit(f"evaluate.py {flag}: {path} is not a finished ppo_gi.py run (no {', '.join(missing)}"
-                         + ("; it may still be running, or have failed" if "metrics.jsonl" not in missing else "") + ")")
-    if last_mean(path) is None:
-        raise SystemExit(f"evaluate.py {flag}: {path}/metrics.jsonl logged no objective/kl: not a ppo_gi.py run's log")
-
-
-def last_mean(path, last=10, key="objective/kl"):
-    """The mean of a ppo_gi.py run's logged `key` over its last `last` iterations, on its RL prompts:
-    by default its KL from π^SFT (gold/mean: its RL gold); None for a model that logged none (SFT, DPO)."""
-    rows = [r for r in training_log(path) if key in r]
-    return float(np.mean([r[key] for r in rows[-last:]])) if rows else None
-
-
-def match_kl(target, candidates, tolerance=0.1):
-    """The KL-matched control: 'match DIR' for the first candidate PPO run whose KL is within
-    `tolerance` of the target run's, else 'next ETA CLOSEST' with η interpolated in log η – log KL
-    between the candidates nearest the target (KL falls as η grows; one candidate: KL ∝ 1/η)."""
-    for path in [target, *candidates]:
-        check_ppo_run(path, "--match_kl")
-    goal = max(last_mean(target), 1e-6)  # (k1 KL can be ≤ 0 at a large η: the log needs it positive)
-    runs = []
-    for c in candidates:
-        with open(os.path.join(c, "ppo_args.json")) as f:
-            runs.append((json.load(f)["kl_coef"], max(last_mean(c), 1e-6), os.path.normpath(c)))
-    runs.sort(key=lambda r: abs(math.log(r[1] / goal)))
-    for eta, kl, path in runs:
-        if abs(kl - goal) <= tolerance * goal:
-            return f"match {path}"
-    above, below = [r for r in runs if r[1] > goal], [r for r in runs if r[1] < goal]
-    pair = (above[0], below[0]) if above and below else tuple(runs[:2])
-    if len(pair) == 2 and pair[0][0] != pair[1][0]:
-        slope = (math.log(pair[0][1]) - math.log(pair[1][1])) / (math.log(pair[0][0]) - math.log(pair[1][0]))
-        slope = min(-0.3, max(-3.0, slope))  # keep a noisy pair from sending η far away
-    else:
-        slope = -1.0
-    eta, kl, _ = pair[0]
-    # log η_next = log η + (log KL_goal − log KL) / slope
-    return f"next {float(f'{eta * math.exp((math.log(goal) - math.log(kl)) / slope):.3g}'):g} {runs[0][2]}"
-
-
-STUDY_ROW = re.compile(r"GI \((.+)\) β (.+)")  # the study's GI-PPO rows: "GI (grouping) β value"
-
-
-def study_table(paths, out, reps=2000, versus=None):
-    """The study over seeds: per row mean gold, worst true group, best − worst and KL (mean ± std over
-    seeds), and its paired Win / Tie / Lose against the model under evaluation (the KL-matched PPO
-    w/ KL) by gold, prompt by prompt, with a 95% bootstrap interval of Win − Lose that resamples the
-    seeds and the prompts (crossed: every seed answers the same prompts, so one draw of each);
-    `versus` names another row to pair against. Writes study.png to `out`: worst-group gold against β_policy."""
-    runs = []
-    for path in paths:
-        with open(path) as f:
-            runs.append(json.load(f))
-    names = [parse_named(runs[0]["settings"]["model"])[0]] + [parse_named(o)[0] for o in runs[0]["settings"]["opponents"]]
-    ref = versus or names[0]
-    if ref not in names:
-        raise SystemExit(f"evaluate.py --versus {ref!r}: not a row of the study ({', '.join(names)})")
-    dirs = [dict(parse_named(s) for s in [r["settings"]["model"]] + r["settings"]["opponents"]) for r in runs]
-    splits = runs[0]["settings"]["splits"]
-    summary = {(g["model"], g["split"]): [] for g in runs[0]["group_summary"]}
-    for r in runs:
-        for g in r["group_summary"]:
-            summary[g["model"], g["split"]].append(g)
-    ms = lambda xs: f"{np.mean(xs):.3f} ± {np.std(xs):.3f}"  # noqa: E731
-    lines = [f"Mean ± population std over {len(runs)} seeds; KL and RL gold (of the sampled rollouts) over the last 10 RL iterations; "
-             f"paired against {ref} by gold, "
-             "Win / Tie / Lose % of (seed, prompt), and Win − Lose with its 95% bootstrap interval (seeds and prompts resampled).", "",
-             "| row | KL | RL gold | " + " | ".join(f"{s}: mean gold | {s}: worst group | {s}: best − worst" for s in splits)
-             + " | " + " | ".join(f"{s}: W / T / L vs {ref} | {s}: W − L [95%]" for s in splits) + " |",
-             "|---|---:|---:|" + "---:|" * (5 * len(splits))]
-    rng, stats = np.random.default_rng(0), {}
-    for name in names:
-        cells = []
-        for key in ("objective/kl", "gold/mean"):
-            logged = [k for k in (last_mean(d[name], key=key) for d in dirs) if k is not None]
-            cells.append(ms(logged) if logged else "")
-        for s in splits:
-            gs = summary[name, s]
-            stats[name, s] = [g["worst_gold"] for g in gs]
-            cells += [ms([g["gold_mean"] for g in gs]), ms([g["worst_gold"] for g in gs]), ms([g["gap"] for g in gs])]
-        for s in splits:
-            diff = [np.sign(np.array(r["items"]["gold"][name][s]) - np.array(r["items"]["gold"][ref][s])) for r in runs]
-            every = np.concatenate(diff)
-            boot, outcome = [], np.stack(diff)  # [seeds, prompts]: every seed answers the same prompts
-            for _ in range(reps):  # seeds and prompts are crossed: one draw of each per replicate
-                both = outcome[np.ix_(rng.integers(0, len(diff), len(diff)), rng.integers(0, outcome.shape[1], outcome.shape[1]))]
-                boot.append(100 * ((both > 0).mean() - (both < 0).mean()))
-            lo, hi = np.percentile(boot, [2.5, 97.5])
-            w, t, l_ = (100 * (every > 0).mean(), 100 * (every == 0).mean(), 100 * (every < 0).mean())
-            cells += [f"{w:.1f} / {t:.1f} / {l_:.1f}", f"{w - l_:+.1f} [{lo:+.1f}, {hi:+.1f}]"]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    plot_study(out, names, stats, splits)
-    return "\n".join(lines) + "\n"
-
-
-def plot_study(out, names, worst, splits):
-    """study.png: worst-group gold against β_policy, one line per grouping; the other rows as bands."""
-    plt = pyplot()
-    if plt is None:
-        return
-    fig, axes = plt.subplots(1, len(splits), figsize=(6 * len(splits), 4.2), squeeze=False)
-    for ax, s in zip(axes[0], splits):
-        lines = {}
-        for name in names:
-            m = STUDY_ROW.fullmatch(name)
-            if m:
-                lines.setdefault(m.group(1), []).append((float(m.group(2)), np.mean(worst[name, s]), np.std(worst[name, s])))
-        for grouping, pts in lines.items():
-            b, mean, std = zip(*sorted(pts))
-            ax.errorbar(b, mean, yerr=std, marker="o", capsize=3, label=f"GI-PPO, groups {grouping}")
-        for k, name in enumerate(n for n in names if not STUDY_ROW.fullmatch(n)):
-            mean, std = np.mean(worst[name, s]), np.std(worst[name, s])
-            ax.axhspan(mean - std, mean + std, alpha=0.08, color=f"C{k + 3}")
-            ax.axhline(mean, color=f"C{k + 3}", lw=1, ls="--", label=name)
-        ax.set_xscale("symlog", linthresh=0.1)
-        ax.set_xlim(left=0)
-        ax.set(xlabel="β_policy", ylabel="worst true group's mean gold", title=f"worst group ({s}), mean ± std over seeds")
-    axes[0][0].legend(fontsize=6)
-    save(fig, out, "study.png")
-
-
 def main(args):
-    if args.match_kl:
-        print(match_kl(args.match_kl[0], args.match_kl[1:]))
-        return
-    if args.study:
-        plumbing.check_output(args.out, {}, parser.error, markers=("study.md",))
-        table = study_table(args.study, args.out, versus=args.versus)
-        plumbing.write_atomic(os.path.join(args.out, "study.md"), table)
-        print(table + f"\nevaluate: wrote {args.out}/study.md and study.png")
-        return
-    if args.aggregate or args.runs:
-        print(aggregate(args.aggregate) if args.aggregate else run_table(args.runs))
-        return
     if not (args.model and args.opponents):
-        parser.error("--model and --opponents are required (or --aggregate, --runs)")
+        parser.error("--model and --opponents are required (reports over runs: study/reports.py)")
     if args.max_len <= args.max_new_tokens:
         parser.error(f"--max_len {args.max_len} must exceed --max_new_tokens {args.max_new_tokens}: it holds the prompt too")
-    toy = args.data == "toy"
-    args.judges = args.judges or (["gold", "rm"] if toy else ["rm"])
-    args.splits = args.splits or (["test", "ood"] if toy else ["test"])
-    if args.ood_data and toy:
+    is_toy = args.data == "toy"
+    args.judges = args.judges or (["gold", "rm"] if is_toy else ["rm"])
+    args.splits = args.splits or (["test", "ood"] if is_toy else ["test"])
+    if args.ood_data and is_toy:
         parser.error("--ood_data is for real data: the built-in task has its own ood split (--splits test ood)")
     if args.ood_data and "ood" not in args.splits:
         args.splits.append("ood")
-    if "ood" in args.splits and not (toy or args.ood_data):
+    if "ood" in args.splits and not (is_toy or args.ood_data):
         parser.error("--splits ood on real data needs --ood_data SPEC: out-of-domain prompts from another source (e.g. PKU-SafeRLHF)")
-    if "gold" in args.judges and not toy:
+    if "gold" in args.judges and not is_toy:
         parser.error("--judges gold is the built-in task's judge: it needs --data toy")
     if "rm" in args.judges and not args.reward:
-        parser.error("--judges rm needs --reward DIR" + ("" if toy else " (real data: a judge RM trained on the 'judge' split), or choose --judges llm"))
+        parser.error("--judges rm needs --reward DIR" + ("" if is_toy else " (real data: a judge RM trained on the 'judge' split), or choose --judges llm"))
     if "llm" in args.judges and not (args.judge_url and args.judge_model):
         parser.error("--judges llm needs --judge_url and --judge_model")
     model_name, _ = parse_named(args.model)
@@ -623,9 +275,9 @@ def main(args):
             responses[name, s] = texts
 
     scores, group_rows, summaries, rewards = {}, [], [], []
-    if toy:
+    if is_toy:
         for (name, s), texts in responses.items():
-            scores["gold", name, s] = [data.gold_score(p, t) for p, t in zip(prompts[s], texts)]
+            scores["gold", name, s] = [toy.gold_score(p, t) for p, t in zip(prompts[s], texts)]
             rows, summary = group_report(name, s, groups[s], scores["gold", name, s])
             group_rows += rows
             summaries.append(summary)
@@ -684,7 +336,6 @@ def main(args):
         for (name, s), texts in responses.items() for p, t in zip(prompts[s], texts)))
     plumbing.write_atomic(os.path.join(args.out, "table.md"), table)
     plumbing.write_atomic(os.path.join(args.out, "results.json"), json.dumps(results, indent=1, default=float))
-    plot(args.out, model_dirs, group_rows, {(n, s): v for (j, n, s), v in scores.items() if j == "rm"})
     print(table)
     print(f"evaluate: wrote {args.out}/results.json and table.md")
 

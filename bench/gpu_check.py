@@ -16,8 +16,7 @@ token). gpu_mem_gb is the stage's peak allocated GPU memory. Stages:
   sft           SFT on packed HH-RLHF text: several transcripts per example, cut to exactly max_len
   sft_compiled  the same with --compile 1 (torch.compile of each decoder block)
   rm            reward model on HH-RLHF pairs as they are (each batch padded to its longest)
-  gi_ppo        GI-PPO: 64 prompts x 128 sampled new tokens per step, plumbing's decoding loop, dynamic cache,
-                without the groups/grad_cos diagnostic (--grad_cos 0: its extra backward is off, as in pipeline.sh)
+  gi_ppo        GI-PPO: 64 prompts x 128 sampled new tokens per step, plumbing's decoding loop, dynamic cache
   generate      plumbing.generate alone: transformers' generate, then the hand-written loop with each KV cache kind
   gi_ppo_compiled  GI-PPO with --generate_cache compiled
   sft_profile   3 steps of sft under torch.profiler (bench/op_profile.py sft): its row gives the matrix
@@ -174,7 +173,7 @@ def stage_command(stage, size, work, assets, cfg, load):
     return ["ppo_gi.py", "--sft", os.path.join(work, size, "sft"), "--reward", os.path.join(work, size, "rm"),
             "--data", hh, "--split", "all", "--out", out, "--steps", str(iterations), "--rollout_batch", str(cfg["rollout"]),
             "--minibatch", str(minibatch), "--max_new_tokens", str(cfg["new_tokens"]), "--max_len", str(cfg["max_len"]),
-            "--save_every", "0", "--eval_prompts", "0", "--log_every", "1", "--grad_cos", "0",
+            "--save_every", "0", "--eval_prompts", "0", "--log_every", "1",
             "--generate_cache", "compiled" if stage == "gi_ppo_compiled" else "dynamic"], out
 
 

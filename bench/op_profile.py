@@ -100,9 +100,8 @@ def main(args, folder):
         stage.rollout = profiled(stage.rollout, f"rollout of iteration {ppo_steps} (generation and scoring)", args.rows, call=ppo_steps)
         stage.ppo_update = profiled(stage.ppo_update, f"PPO update of iteration {ppo_steps}", args.rows, call=ppo_steps)
     else:
-        stage = __import__(args.trainer)
-        loop_owner = stage if args.trainer == "sft" else stage.sft
-        loop_owner.supervised_loop = profiled(loop_owner.supervised_loop, f"{args.trainer} training loop", args.rows)
+        stage = __import__(args.trainer)  # its loop is plumbing's, which the stage calls as plumbing.supervised_loop
+        stage.plumbing.supervised_loop = profiled(stage.plumbing.supervised_loop, f"{args.trainer} training loop", args.rows)
     if args.flags:
         flags = shlex.split(args.flags)
     else:

@@ -3,9 +3,7 @@
 Workload: the random-init GPT-2 of bench/workload.py (2 layers, width 128, 4 heads, BPE vocabulary
 4,096) as policy and reference, and the same GPT-2 with a score head (the workload's reward-model
 directory) as reward model and the critic's init; 16 prompts of 16 tokens per step; exactly 32
-sampled tokens each (EOS suppressed until then); one epoch of 4 minibatches; the groups/grad_cos
-diagnostic off (--grad_cos 0: its extra backward is no part of the method; pipeline.sh runs
-without it). Each variant runs as a user would run it (`python ppo_gi.py ...`) for 2 warm-up + 8
+sampled tokens each (EOS suppressed until then); one epoch of 4 minibatches. Each variant runs as a user would run it (`python ppo_gi.py ...`) for 2 warm-up + 8
 timed steps; ppo_gi.py times its
 own phases (perf/gen_s, perf/score_s, perf/train_s) and the medians over the timed steps are
 printed, with the process's peak RSS.

@@ -13,7 +13,7 @@ Settings: the same model, tokenizer, pairs and prompts (bench/workload.py), batc
 AdamW betas as ours; fp32 on CPU, no gradient checkpointing, no evaluation, saving or reports;
 TRL's defaults otherwise (DPO: reference log-probs computed each step, precompute_ref_log_probs
 off, as in dpo.py). Each trainer runs in its own process. pairs/s is timed by a callback from the
-start of the first optimizer step to the end of the last, as sft.supervised_loop times ours (TRL's
+start of the first optimizer step to the end of the last, as plumbing.supervised_loop times ours (TRL's
 dataset tokenization and setup excluded). PPO: 16 prompts per step in 4 minibatches of 4, 1 epoch,
 exactly 32 sampled tokens (no stop token), 2 warm-up + 8 timed steps; a step is the time between
 consecutive on_step_end calls; gen_s is the time inside TRL's batch_generation and gc_s inside

@@ -66,8 +66,8 @@ def preference_flags(trainer, folder, out, steps=32):
 def ppo_flags(folder, out, steps):
     """ppo_gi.py's flags on the workload (bench/ppo_step.py): the GPT-2 as policy and reference, its
     reward-model directory (the same backbone with a score head) as reward model and the critic's
-    init; 16 prompts, exactly 32 new tokens, 4 minibatches, the grad_cos diagnostic off."""
+    init; 16 prompts, exactly 32 new tokens, 4 minibatches."""
     return ["--sft", os.path.join(folder, "model"), "--reward", os.path.join(folder, "reward_model"),
             "--data", os.path.join(folder, "prompts.jsonl"), "--split", "all", "--out", out, "--steps", str(steps),
             "--rollout_batch", "16", "--minibatch", "4", "--ppo_epochs", "1", "--max_new_tokens", "32", "--min_new_tokens", "32",
-            "--save_every", "0", "--eval_prompts", "0", "--grad_cos", "0"]
+            "--save_every", "0", "--eval_prompts", "0"]

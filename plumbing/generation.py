@@ -1,6 +1,8 @@
-"""Tokens, batches and generation: prompt + response tokenization (and what --max_len cut), padded
-batches, log-probs of response tokens, and the sampling loop PPO's rollouts and evaluation run
-(prefill, then one cached forward per token; on CUDA a compiled decode step with a static KV cache)."""
+"""Tokens, batches and generation: an HH prompt in a model's chat format, prompt + response
+tokenization (and what --max_len cut), padded batches, log-probs of response tokens, and the
+sampling loop PPO's rollouts and evaluation run (prefill, then one cached forward per token; on CUDA
+a compiled decode step with a static KV cache)."""
+import collections
 import functools
 import math
 import os
@@ -8,15 +10,28 @@ import weakref
 
 import torch
 
-import data
 from plumbing.processes import unsharded
+
+
+def chat_prompt(tokenizer, prompt):
+    """An HH transcript prompt ("\\n\\nHuman: … \\n\\nAssistant:") in the model's own chat format, if its
+    tokenizer has a template; (text, whether the tokenizer should add its special tokens)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return prompt, True
+    messages = []
+    for turn in prompt.split("\n\nHuman: ")[1:]:
+        human, _, assistant = turn.partition("\n\nAssistant:")
+        messages.append({"role": "user", "content": human.strip()})
+        if assistant.strip():
+            messages.append({"role": "assistant", "content": assistant.strip()})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), False
 
 
 def encode(tokenizer, prompt, response=None, max_len=512, max_prompt_len=None, counts=None):
     """(prompt ids, response ids + EOS). The prompt is cut from the left to fit, the response from
     the right; tokenized separately so the boundary between them is exact. `counts` (a Counter), if
     given, counts what was cut: 'cut' (prompt or response), 'lost_eos' (the response's EOS)."""
-    text, add_special = data.chat_prompt(tokenizer, prompt)
+    text, add_special = chat_prompt(tokenizer, prompt)
     full_p = tokenizer(text, add_special_tokens=add_special)["input_ids"]
     p = full_p[-(max_prompt_len or max_len):]
     if response is None:
@@ -30,6 +45,27 @@ def encode(tokenizer, prompt, response=None, max_len=512, max_prompt_len=None, c
         counts["cut"] += len(p) < len(full_p) or len(r) < len(full_r)
         counts["lost_eos"] += len(r) < len(full_r)
     return p, r
+
+
+def encode_pairs(tokenizer, pairs, max_len, report=None):
+    """(prompt ids, chosen ids + EOS, prompt ids, rejected ids + EOS) per preference pair, the
+    prompt cut separately for each side so that both fit in max_len, and the pairs kept: a pair
+    that the cut made identical on both sides teaches nothing and is dropped. `report` names the
+    stage whose line on what --max_len cut is printed. Returns (examples, kept pairs)."""
+    examples, kept, counts = [], [], collections.Counter()
+    for x in pairs:
+        sides = collections.Counter()
+        p, c = encode(tokenizer, x["prompt"], x["chosen"], max_len=max_len, counts=sides)
+        p2, r = encode(tokenizer, x["prompt"], x["rejected"], max_len=max_len, counts=sides)
+        counts.update({k: 1 for k, v in sides.items() if v})  # a pair counts once, whichever side was cut
+        if p + c == p2 + r:
+            counts["identical"] += 1
+            continue
+        examples.append((p, c, p2, r))
+        kept.append(x)
+    if report:
+        report_truncation(report, counts, len(pairs), max_len, "pairs")
+    return examples, kept
 
 
 def report_truncation(stage, counts, n, max_len, what="examples"):

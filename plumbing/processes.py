@@ -65,12 +65,13 @@ def global_min(x, d):
     return x.item()
 
 
-def global_sum(x, d):
-    """Sum over ranks that gradients flow through (e.g. the group sums of R_g span the whole batch)."""
+def sum_over_ranks(x, d):
+    """The sum of x over ranks, differentiable in this rank's share only: the other ranks' shares enter
+    as constants. A loss built on it back-propagates each rank's own part, and the parts add up over
+    ranks (FSDP2's average, undone by × world, sums them): the gradient of the whole."""
     if not d.sharded:
         return x
-    import torch.distributed.nn.functional as dist_fn
-    return dist_fn.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x + (all_reduce_sum(x.detach().clone(), d) - x.detach())
 
 
 def group_means(prefix, values, names, all_names, d):
@@ -94,6 +95,23 @@ def in_chunks(fn, size, *rows):
         return fn(*rows)
     outs = [fn(*(r if r is None else r[i:i + size] for r in rows)) for i in range(0, n, size)]
     return tuple(map(torch.cat, zip(*outs))) if isinstance(outs[0], tuple) else torch.cat(outs)
+
+
+@torch.no_grad()
+def scores_in_order(score_chunk, examples, d, batch_size=64):
+    """[n, 2]: score_chunk(chunk of examples) -> the scores of the chunk's first sequences, then of its
+    second ones (a pair's chosen and rejected), for every example, computed on this rank's share and
+    gathered from all ranks in the original order. Every rank runs as many forwards (FSDP)."""
+    n = len(examples)
+    per_rank = math.ceil(n / d.world)
+    mine = examples[d.rank * per_rank:(d.rank + 1) * per_rank]
+    out = torch.zeros(d.world * per_rank, 2)
+    for j, chunk in enumerate(equal_chunks(mine, math.ceil(per_rank / batch_size), batch_size)):
+        r = score_chunk(chunk or examples[:1]).float().cpu()
+        if chunk:
+            start = d.rank * per_rank + j * batch_size
+            out[start:start + len(chunk)] = torch.stack([r[:len(chunk)], r[len(chunk):]], -1)
+    return all_reduce_sum(out.to(d.device), d).cpu()[:n]
 
 
 def seed_everything(seed):

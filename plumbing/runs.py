@@ -38,10 +38,13 @@ def fraction(text):
     return value
 
 
+class DataError(ValueError):
+    """Bad input (data.py's readers raise it): the message names the file and line."""
+
+
 def run_main(main, parser):
-    """A stage's entry point: parse the flags and run `main`; bad input (data.DataError, whose message
-    names the file and line) ends the run with that message and exit status 2, not a traceback."""
-    from data import DataError
+    """A stage's entry point: parse the flags and run `main`; bad input (DataError, whose message names
+    the file and line) ends the run with that message and exit status 2, not a traceback."""
     try:
         main(parser.parse_args())
     except DataError as e:

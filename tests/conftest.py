@@ -41,11 +41,53 @@ def read_metrics(path):
         return [json.loads(line) for line in f]
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end, pipeline, torchrun and kill/resume tests (pytest -m 'not slow' skips them)")
+
+
+def shared_once(tmp_path_factory, name, make):
+    """A folder made once per test session, whichever worker asks first (the others wait for it):
+    make(folder) builds it; the folder then only ever serves as an input."""
+    from filelock import FileLock
+    root = tmp_path_factory.getbasetemp().parent if os.environ.get("PYTEST_XDIST_WORKER") else tmp_path_factory.getbasetemp()
+    folder = root / name
+    with FileLock(str(root / f"{name}.lock")):
+        if not (folder / "done").exists():
+            make(str(folder))
+            (folder / "done").write_text("")
+    return str(folder)
+
+
 @pytest.fixture(scope="session")
 def toy_sft_dir(tmp_path_factory):
     """A short SFT run on the built-in task, shared by the later stages' tests."""
     import sft
-    out = str(tmp_path_factory.mktemp("toy_sft") / "sft")
-    sft.main(sft.parser.parse_args(["--out", out, "--steps", "150", "--batch_size", "32", "--save_every", "0",
-                                    "--eval_every", "1000", "--gold_prompts", "0", "--lr", "3e-3"]))
-    return out
+
+    def make(folder):
+        sft.main(sft.parser.parse_args(["--out", os.path.join(folder, "sft"), "--steps", "150", "--batch_size", "32", "--save_every", "0",
+                                        "--eval_every", "1000", "--gold_prompts", "0", "--lr", "3e-3"]))
+    return os.path.join(shared_once(tmp_path_factory, "toy_sft", make), "sft")
+
+
+TINY_PIPELINE = ["--no_install", "--seed", "3", "--sft_steps", "10", "--rm_steps", "3", "--dpo_steps", "3", "--ppo_steps", "2",
+                 "--ppo_batch", "16", "--eval_prompts", "4", "--heldout_pairs", "test[:32]", "--stats_pairs", "64"]
+
+
+def run_pipeline(script, *args, timeout=900):
+    """bash SCRIPT ARGS… from the repository root, as a user runs it (this interpreter, one thread)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(["bash", os.path.join(ROOT, script), "--python", sys.executable, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory):
+    """./pipeline.sh on the built-in task with a tiny budget: (its folder, what it printed)."""
+    def make(folder):
+        proc = run_pipeline("pipeline.sh", *TINY_PIPELINE, "--out", os.path.join(folder, "p"))
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        with open(os.path.join(folder, "stdout.txt"), "w") as f:
+            f.write(proc.stdout)
+    folder = shared_once(tmp_path_factory, "tiny_pipeline", make)
+    with open(os.path.join(folder, "stdout.txt")) as f:
+        return os.path.join(folder, "p"), f.read()

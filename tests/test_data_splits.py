@@ -8,6 +8,7 @@ import sys
 import pytest
 
 import data
+import toy
 from conftest import ROOT, needs_shared, shared
 
 HH_SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
@@ -22,8 +23,8 @@ def _toy_records():
 
 def test_toy_records_carry_their_group_and_are_otherwise_unchanged():
     records = _toy_records()
-    assert all(r["group"] == data.true_group(r["prompt"]) for split in records for r in split)
-    assert data.group_names(records[0]) == sorted(data.GROUPS)
+    assert all(r["group"] == toy.true_group(r["prompt"]) for split in records for r in split)
+    assert data.group_names(records[0]) == sorted(toy.GROUPS)
     without = [[{k: v for k, v in r.items() if k != "group"} for r in split] for split in records]
     assert hashlib.sha256(json.dumps(without).encode()).hexdigest() == TOY_DIGEST_V3  # same prompts, responses, order
 

@@ -13,6 +13,7 @@ import groups
 import plumbing
 import ppo_gi
 import reward
+import toy
 from conftest import read_metrics, run_script
 
 
@@ -267,12 +268,12 @@ def test_scores_put_unfinished_responses_below_every_finished_one_and_shuffle_pe
     assert not torch.equal(shuffled, scores) and torch.equal(shuffled.sort().values, scores.sort().values)
 
 
-@pytest.mark.parametrize("flags", [[], ["--groups", "known"]], ids=["inferred", "known"])
-def test_one_ppo_update_under_torchrun_equals_one_process(toy_sft_dir, tmp_path, flags):
+@pytest.mark.slow
+def test_one_ppo_update_under_torchrun_equals_one_process(toy_sft_dir, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
-    run_script(["tests/ppo_update_check.py", toy_sft_dir, str(one), *flags])
-    proc = run_script(["tests/ppo_update_check.py", toy_sft_dir, str(two), *flags], nproc=2)
+    run_script(["tests/ppo_update_check.py", toy_sft_dir, str(one)])
+    proc = run_script(["tests/ppo_update_check.py", toy_sft_dir, str(two)], nproc=2)
     assert "returned a view tensor" not in proc.stderr  # FSDP2's warning on an output that is a view (the critic's values)
     a, b = torch.load(one / "state.pt"), torch.load(two / "state.pt")
     assert a.keys() == b.keys() and any(k.startswith("critic.group_head") for k in a)
@@ -280,7 +281,7 @@ def test_one_ppo_update_under_torchrun_equals_one_process(toy_sft_dir, tmp_path,
     assert worst < 3e-5, worst
     sa, sb = json.load(open(one / "stats.json")), json.load(open(two / "stats.json"))
     assert sa["generated"] == sb["generated"]  # sharded and unsharded generation agree (PPO_DETAILS 16)
-    for k in ("policy/loss", "val/loss", "groups/r_var_theta", "groups/r_var_phi", "groups/grad_cos", "groups/weight_abs_mean"):
+    for k in ("policy/loss", "val/loss", "groups/r_var_theta", "groups/r_var_phi"):
         assert sa[k] == pytest.approx(sb[k], rel=1e-4, abs=1e-6), k
 
 
@@ -302,6 +303,7 @@ def test_left_padded_batched_generation_equals_one_prompt_at_a_time(toy_sft_dir)
 PPO_SHORT = ["--reward", "gold", "--rollout_batch", "16", "--minibatch", "8", "--max_new_tokens", "12", "--eval_prompts", "0"]
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(toy_sft_dir, tmp_path):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     base = ["--sft", toy_sft_dir, "--steps", "4", *PPO_SHORT]
@@ -316,7 +318,8 @@ def test_resume_equals_uninterrupted(toy_sft_dir, tmp_path):
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-6
 
 
-def test_end_to_end_variants_on_the_builtin_task(toy_sft_dir, tmp_path, capsys):
+@pytest.mark.slow
+def test_end_to_end_variants_on_the_builtin_task(toy_sft_dir, tmp_path):
     """GI-PPO and PPO with KL each run a short schedule from the same SFT model with the trained
     reward model: each trains (its policy moves away from SFT) and its logged greedy gold is that of
     the policy it saved; whether they beat SFT is not asserted at this budget (8 iterations of 32
@@ -324,7 +327,6 @@ def test_end_to_end_variants_on_the_builtin_task(toy_sft_dir, tmp_path, capsys):
     gold judge as its reward must beat SFT: the built-in task leaves RL room. Measured on a 2-core
     CPU, PPO seeds 1/2/3 from this SFT: greedy gold on 100 test prompts 0.454 → 0.547/0.569/0.525
     (+0.093/+0.115/+0.071); asserted: +0.04."""
-    import sft
     rm = str(tmp_path / "rm")
     reward.main(reward.parser.parse_args(["--sft", toy_sft_dir, "--out", rm, "--steps", "50", "--batch_size", "32",
                                           "--eval_split", "test[:64]", "--save_every", "0", "--eval_every", "1000", "--stats_pairs", "256"]))
@@ -332,10 +334,10 @@ def test_end_to_end_variants_on_the_builtin_task(toy_sft_dir, tmp_path, capsys):
     tok = plumbing.load_tokenizer(toy_sft_dir)
     sft_model = plumbing.load_model(toy_sft_dir, tok)
     sft_weights = sft_model.state_dict()
-    sft_gold = sft.gold_by_group(sft_model, tok, test, plumbing.Dist())
+    sft_gold = toy.gold_by_group(sft_model, tok, test, plumbing.Dist())
     results = {"SFT": sum(sft_gold.values()) / len(sft_gold)}
     gold_reward = ["--no_gi", "--reward", "gold", "--minibatch", "16", "--lr", "1e-4"]
-    for name, flags in (("GI-PPO", ["--grad_cos", "1"]), ("PPO w/ KL", ["--no_gi"]), ("PPO (gold reward)", gold_reward)):
+    for name, flags in (("GI-PPO", []), ("PPO w/ KL", ["--no_gi"]), ("PPO (gold reward)", gold_reward)):
         out = str(tmp_path / re.sub(r"\W+", "_", name))
         ppo_gi.main(ppo_gi.parser.parse_args(["--sft", toy_sft_dir, "--reward", rm, "--out", out, "--steps", "8",
                                               "--rollout_batch", "32", "--minibatch", "8", "--max_new_tokens", "16",
@@ -345,16 +347,11 @@ def test_end_to_end_variants_on_the_builtin_task(toy_sft_dir, tmp_path, capsys):
         assert os.path.exists(os.path.join(out, "critic", "extra_heads.pt"))
         policy = plumbing.load_model(out, tok)
         assert max((v - sft_weights[k]).abs().max().item() for k, v in policy.state_dict().items()) > 0, name
-        gold = sft.gold_by_group(policy, tok, test, plumbing.Dist())
+        gold = toy.gold_by_group(policy, tok, test, plumbing.Dist())
         results[name] = sum(gold.values()) / len(gold)
         assert log[-1]["eval/gold_mean"] == pytest.approx(results[name], abs=1e-6), name
         if name == "GI-PPO":
-            assert {"groups/size_0", "groups/size_1", "groups/r_var_theta", "groups/p_high_mean", "groups/grad_cos",
-                    "groups/weight_abs_mean", "gold/group/lookup"} <= log[0].keys()
-            rollouts = os.path.join(out, "rollouts.jsonl")
-            groups.main(groups.parser.parse_args(["--rollouts", rollouts, "--critic", os.path.join(out, "critic")]))
-            printed = capsys.readouterr().out
-            assert "group 0: soft size" in printed and "lookup" in printed
+            assert {"groups/size_0", "groups/size_1", "groups/r_var_theta", "groups/p_high_mean", "gold/group/lookup"} <= log[0].keys()
     assert results["PPO (gold reward)"] > results["SFT"] + 0.04, results
 
 
@@ -368,7 +365,7 @@ def test_policy_and_critic_losses_on_hand_computed_numbers():
     r_mask = torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=torch.float64).repeat(4, 1)  # the 4th token is padding
     G = torch.tensor([1.0, 3.0, -2.0, 0.0], dtype=torch.float64)
     hard = torch.tensor([[1, 0], [1, 0], [0, 1], [0, 1]], dtype=torch.float64)
-    pg_loss, r_var, J, _, _ = ppo_gi.policy_loss(new_logp, old_logp, adv, torch.zeros_like(adv), r_mask, G, hard,
+    pg_loss, r_var, J, _ = ppo_gi.policy_loss(new_logp, old_logp, adv, torch.zeros_like(adv), r_mask, G, hard,
                                                  n_tok=torch.tensor(12.0), minibatch=4, cliprange=0.2, n_min=0.0)
     # per token: max(−1.5, −1.2) = −1.2;  max(0.5, 0.8) = 0.8;  max(−2.2, −2.2) = −2.2;  (padding: 0)
     assert pg_loss.item() == pytest.approx((-1.2 + 0.8 - 2.2) / 3)
@@ -390,12 +387,6 @@ def test_policy_and_critic_losses_on_hand_computed_numbers():
     assert vf_loss.item() == pytest.approx(0.5 * (1.69 + 0.04) / 2)
     # φ's R_var is scale-free: 2.25 / Var(G) = 2.25 / 3.25
     assert r_var_phi.item() == pytest.approx(2.25 / 3.25)
-
-
-def test_rank_kl_weights_are_the_ranks():
-    scores = torch.tensor([3.0, 1.0, 2.0, 2.0, 5.0])
-    # ranks 3, 0, 1.5, 1.5 (a tie shares its mean rank), 4; divided by N − 1 = 4
-    assert ppo_gi.rank_weights(scores, plumbing.Dist()).tolist() == [0.75, 0.0, 0.375, 0.375, 1.0]
 
 
 def test_masked_whiten_equals_whitening_the_kept_entries():
@@ -422,52 +413,6 @@ def test_running_std_equals_numpy_over_uneven_chunks():
         running.update(c, plumbing.Dist())
     every = torch.cat(chunks).double().numpy()
     assert running.std == pytest.approx(every.std(ddof=1), rel=1e-9) and running.mean == pytest.approx(every.mean())
-
-
-def test_prompt_level_groups_are_the_same_for_two_responses_to_one_prompt(toy_sft_dir):
-    tok = plumbing.load_tokenizer(toy_sft_dir)
-    critic = groups.load_critic(toy_sft_dir, tok, 2, seed=0).eval()
-    prompt, other = (x["prompt"] for x in data.load_prompts("toy", "rl[:2]"))
-    p_ids = [plumbing.encode(tok, p)[0] for p in (prompt, prompt, other)]
-    r_ids = [tok(r)["input_ids"] + [tok.eos_token_id] for r in (" moo", " lemon cloud river stone", " moo")]
-    P = max(len(p) for p in p_ids)
-    q, q_mask = plumbing.pad_batch(p_ids, tok.pad_token_id, left=True)
-    r, r_mask = plumbing.pad_batch(r_ids, tok.pad_token_id)
-    ids, mask = torch.cat([q, r], 1), torch.cat([q_mask, r_mask], 1)
-    with torch.no_grad():
-        by_prompt = critic(ids, mask, group_at=P - 1)[1]
-        by_response = critic(ids, mask)[1]
-    assert torch.equal(by_prompt[0], by_prompt[1]) and not torch.allclose(by_prompt[0], by_prompt[2])
-    assert not torch.allclose(by_response[0], by_response[1])  # the paper's p_φ(g|x, y) reads the response too
-
-
-def test_known_groups_are_the_hard_probability_path_of_the_inferred_groups(toy_sft_dir):
-    """--groups known: p(g|x) is the one-hot label, so g_high's samples get p_high = 1 and the rest 0
-    (the adaptive KL as written); the θ step is the inferred groups' step with those probabilities,
-    and φ takes no step (its head stays as it was)."""
-    import copy
-    tok = plumbing.load_tokenizer(toy_sft_dir)
-    records = data.load_prompts("toy", "rl[:16]")
-    names = data.group_names(records)
-    labels = torch.tensor([names.index(x["group"]) for x in records])
-    args = ppo_gi.parser.parse_args(["--sft", toy_sft_dir, "--reward", "gold", "--rollout_batch", "16", "--minibatch", "16",
-                                     "--max_new_tokens", "8", "--groups", "known", "--beta_policy", "1"])
-    args.n_groups = len(names)
-    policy, reference = plumbing.load_model(toy_sft_dir, tok).eval(), plumbing.load_model(toy_sft_dir, tok).eval()
-    critic = groups.load_critic(toy_sft_dir, tok, args.n_groups, seed=0).eval()
-    batch = ppo_gi.rollout(args, plumbing.Dist(), policy, reference, critic, reward.load_scorer("gold", tok, plumbing.Dist(), False),
-                           tok, [x["prompt"] for x in records], 0, ppo_gi.RunningStd(), labels=labels)
-    assert names == sorted(data.GROUPS) and torch.equal(batch["probs"], torch.nn.functional.one_hot(labels, 4).float())
-    assert batch["p_high"].tolist() == (labels == batch["g_high"]).float().tolist()
-    after = {}
-    for kind in ("known", "inferred"):
-        args.groups = kind
-        pol, cri = copy.deepcopy(policy), copy.deepcopy(critic)
-        opt_p, opt_c = torch.optim.SGD(pol.parameters(), lr=0.1), torch.optim.SGD(cri.parameters(), lr=0.1)
-        ppo_gi.ppo_update(args, plumbing.Dist(), pol, cri, opt_p, opt_c, batch, {})
-        after[kind] = pol.state_dict(), cri.group_head.weight.detach().clone()
-    assert all(torch.equal(after["known"][0][k], v) for k, v in after["inferred"][0].items())
-    assert torch.equal(after["known"][1], critic.group_head.weight) and not torch.equal(after["inferred"][1], critic.group_head.weight)
 
 
 def test_beta_policy_0_with_a_fixed_kl_is_ppo_with_kl(toy_sft_dir, tmp_path):

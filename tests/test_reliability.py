@@ -51,6 +51,7 @@ def killed(module, argv, monkeypatch, step=None):
             module.main(module.parser.parse_args(argv))
 
 
+@pytest.mark.slow
 def test_sft_killed_after_a_checkpoint_resumes_with_the_uninterrupted_log_row_for_row(tmp_path, monkeypatch):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     sft.main(sft.parser.parse_args(["--out", full, "--save_every", "4", *SFT_SHORT]))
@@ -60,6 +61,7 @@ def test_sft_killed_after_a_checkpoint_resumes_with_the_uninterrupted_log_row_fo
     assert values(os.path.join(part, "metrics.jsonl")) == values(os.path.join(full, "metrics.jsonl"))
 
 
+@pytest.mark.slow
 def test_ppo_killed_after_a_checkpoint_resumes_with_the_uninterrupted_log_and_rollouts(toy_sft_dir, tmp_path, monkeypatch):
     full, part, late = (str(tmp_path / n) for n in ("full", "part", "late"))
     base = ["--sft", toy_sft_dir, "--steps", "6", "--save_every", "3", *PPO_SHORT]
@@ -194,23 +196,10 @@ def test_truncation_is_counted_and_identical_pairs_are_dropped(toy_sft_dir, caps
     long = " " + " ".join(["apple"] * 40)
     pairs = [{"prompt": "\n\nHuman: hi\n\nAssistant:", "chosen": " yes", "rejected": " no"},
              {"prompt": "\n\nHuman: hi\n\nAssistant:", "chosen": long + " river", "rejected": long + " stone"}]
-    examples, kept = reward.tokenize_pairs(tok, pairs, max_len=20, report="reward")
+    examples, kept = plumbing.encode_pairs(tok, pairs, max_len=20, report="reward")
     assert kept == pairs[:1] and len(examples) == 1  # cut to 20 tokens, the second pair's two sides are the same
     out = capsys.readouterr().out
     assert "at --max_len 20, 50.0% of 2 pairs cut, 50.0% lost their EOS, 1 made identical (dropped): WARNING" in out
-
-
-def test_pipeline_sh_runs_its_stages_with_or_without_out_and_shared(tmp_path):
-    """A dry run (PYTHON=echo prints each stage's command): the default --out, and --data hh from a
-    clone with no ../shared (the hub id, no out-of-domain file) both reach their last stage."""
-    import shutil
-    shutil.copy(os.path.join(ROOT, "pipeline.sh"), tmp_path / "pipeline.sh")
-    for argv, last in ((["--no-install"], "evaluate.py --model GI-PPO=runs/pipeline-s1/gi_ppo"),
-                       (["--no-install", "--data", "hh"], "evaluate.py --data Anthropic/hh-rlhf")):
-        proc = subprocess.run(["bash", "pipeline.sh", *argv], cwd=tmp_path, env={**os.environ, "PYTHON": "echo"},
-                              capture_output=True, text=True, timeout=60)
-        assert proc.returncode == 0 and last in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "--ood_data" not in proc.stdout  # no PKU-SafeRLHF file beside this copy
 
 
 def test_max_len_must_hold_the_prompt_and_hub_ids_are_told_from_paths(toy_sft_dir, tmp_path, capsys, monkeypatch):
@@ -233,11 +222,10 @@ def test_max_len_must_hold_the_prompt_and_hub_ids_are_told_from_paths(toy_sft_di
 
 # the variants pipeline.sh runs (the toy pipeline, --study, --data hh): each resumes to the uninterrupted run
 RESUMED_VARIANTS = {"ppo": ["--no_gi", "--kl_coef", "0"], "ppo_kl": ["--no_gi"], "gi_ppo": [], "gi_fixed_kl": ["--fixed_kl"],
-                    "gi_beta0": ["--beta_policy", "0"], "ppo_shuffled": ["--no_gi", "--shuffle_rewards"],
-                    "gi_prompt": ["--group_input", "prompt"], "gi_known": ["--groups", "known", "--min_group_frac", "0"],
-                    "ppo_rank_kl": ["--no_gi", "--kl_weight", "rank"]}
+                    "gi_beta0": ["--beta_policy", "0"], "ppo_shuffled": ["--no_gi", "--shuffle_rewards"]}  # the study's: tests/study
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", sorted(RESUMED_VARIANTS))
 def test_every_ppo_variant_resumes_to_the_uninterrupted_run(toy_sft_dir, tmp_path, variant):
     """(Before: --no_gi and --groups known crashed on resume, the group head having no optimizer state.)"""
@@ -280,6 +268,7 @@ def test_a_new_run_never_overwrites_an_earlier_run_or_an_input(toy_sft_dir, tmp_
     assert "is --model" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_run_resumes_under_another_path_to_the_same_folder_and_its_inputs(toy_sft_dir, tmp_path, monkeypatch):
     """--resume compares what the run is, not how its paths are spelled: a trailing slash, a relative
     --out, or the run and its SFT model moved elsewhere (before: refused as changed flags)."""
@@ -336,13 +325,13 @@ def test_bad_flags_and_inputs_are_errors_that_name_them(toy_sft_dir, tmp_path, c
     plumbing.save_model(reward.load_reward_model(toy_sft_dir, tok), tok, critic, plumbing.Dist())
     with pytest.raises(SystemExit, match="--reward .*critic: no reward_stats.json"):
         ppo_gi.main(ppo_gi.parser.parse_args(["--sft", toy_sft_dir, "--out", str(tmp_path / "p"), *PPO_SHORT, "--reward", critic]))
-    import groups
+    from study import inspect_groups
     for flags in (["--n_groups", "1"], ["--fit_steps", "-1"], ["--min_group_frac", "-0.5"], ["--lr", "0"], ["--max_len", "0"]):
         with pytest.raises(SystemExit):
-            groups.parser.parse_args(flags)
+            inspect_groups.parser.parse_args(flags)
         assert flags[0] in capsys.readouterr().err
     with pytest.raises(data.DataError, match="--rollouts .*nope.jsonl: no such file"):  # (plumbing.run_main: one line, exit 2)
-        groups.main(groups.parser.parse_args(["--rollouts", str(tmp_path / "nope.jsonl"), "--critic", critic]))
+        inspect_groups.main(inspect_groups.parser.parse_args(["--rollouts", str(tmp_path / "nope.jsonl"), "--critic", critic]))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "p", "response": " r"}\n{not json\n')
     proc = subprocess.run([sys.executable, "sft.py", "--data", str(bad), "--split", "all", "--out", str(tmp_path / "s")],

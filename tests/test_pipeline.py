@@ -1,0 +1,45 @@
+"""pipeline.sh: every stage reached (a dry run with echo for Python), the built-in task end to end on
+a tiny budget, a rerun that skips exactly the stages made by the same command, and one that stops
+when a stage's output was made by another."""
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import ROOT, TINY_PIPELINE, run_pipeline
+
+
+def test_pipeline_sh_runs_its_stages_with_or_without_out_and_shared(tmp_path):
+    """A dry run (--python echo prints each stage's command): the default --out, and --data hh from a
+    clone with no ../shared (the hub id, no out-of-domain file) both reach their last stage."""
+    shutil.copy(os.path.join(ROOT, "pipeline.sh"), tmp_path / "pipeline.sh")
+    shutil.copytree(os.path.join(ROOT, "plumbing"), tmp_path / "plumbing")
+    for argv, last in ((["--no_install"], "evaluate.py --model GI-PPO=runs/pipeline-s1/gi_ppo"),
+                       (["--no_install", "--data", "hh"], "evaluate.py --data Anthropic/hh-rlhf")):
+        proc = subprocess.run(["bash", "pipeline.sh", "--python", "echo", *argv], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0 and last in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "--ood_data" not in proc.stdout  # no PKU-SafeRLHF file beside this copy
+    assert "gi_known" in proc.stdout and "study/ppo_variants.py" in proc.stdout  # the known groups' run: a study variant
+    help_text = subprocess.run(["bash", "pipeline.sh", "--help"], cwd=tmp_path, capture_output=True, text=True).stdout
+    assert "--ppo_lr VALUE" in help_text and "--hh_max_len VALUE" in help_text  # every knob is a flag with its help
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end_with_a_tiny_budget(tiny_pipeline, tmp_path):
+    out, stdout = tiny_pipeline
+    results = json.loads(open(os.path.join(out, "eval", "results.json")).read())
+    opponents = {w["opponent"] for w in results["winrates"]}
+    assert opponents == {"SFT", "PPO", "PPO w/ KL", "DPO", "GI-PPO fixed KL", "GI-PPO β_policy 0", "PPO (gold reward)", "PPO (shuffled)"}
+    assert {w["judge"] for w in results["winrates"]} == {"gold", "rm"} and {w["split"] for w in results["winrates"]} == {"test", "ood"}
+    assert all(abs(w["win"] + w["tie"] + w["lose"] + w["invalid"] - 100) < 1e-6 for w in results["winrates"])
+    assert "Win / Tie / Lose" in stdout
+    # a rerun skips every stage, made by the same command; another budget stops at the first stage it changes
+    copy = str(tmp_path / "p")
+    shutil.copytree(out, copy)
+    again = run_pipeline("pipeline.sh", *TINY_PIPELINE, "--out", copy, timeout=300)
+    assert again.returncode == 0 and again.stdout.count("made by this command: skipped") == 11, again.stdout[-2000:]
+    other = run_pipeline("pipeline.sh", *TINY_PIPELINE, "--out", copy, "--rm_steps", "4", timeout=300)
+    assert other.returncode == 1 and "reward: " in other.stderr and "made with:" in other.stderr and "this run: " in other.stderr
+    assert not os.path.exists(os.path.join(copy, "replaced"))  # nothing moved or rerun without --force
