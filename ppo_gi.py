@@ -15,7 +15,6 @@ groups, groups of prompts, a reward-rank KL) are study/ppo_variants.py, through 
 """
 import argparse
 import collections
-import math
 import os
 import time
 
@@ -184,41 +183,9 @@ def critic_loss(v, old_v, returns, r_mask, j_phi, p_phi, rows=None, p_rest=None,
 
 
 # ----------------------------------------------------------------------------------------------
-# The PPO machinery: scores, the rollout (steps 1–5), the update (step 6), the logs
+# The loop: the rollout (steps 1–5) and the update (step 6); PPO's machinery is plumbing.ppo's
 # ----------------------------------------------------------------------------------------------
 RunningStd = plumbing.RunningStd  # the scores' running std (PPO_DETAILS 8)
-
-
-def response_mask(resp, eos_id):
-    """1 on every response token up to and including the first EOS, 0 after it (PPO_DETAILS 4)."""
-    is_eos = (resp == eos_id).long()
-    return ((is_eos.cumsum(-1) - is_eos) == 0).long()
-
-
-def masked_whiten(x, mask, d):
-    """(x − mean)/std over valid tokens of all ranks (world-size invariant; PPO_DETAILS 10)."""
-    stats = plumbing.all_reduce_sum(torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]), d)
-    mean = stats[0] / stats[2]
-    var = stats[1] / stats[2] - mean ** 2
-    return (x - mean) * torch.rsqrt(var.clamp(min=1e-8)) * mask
-
-
-def shape_scores(args, d, centered, has_eos, running, it):
-    """Step 2's arithmetic on the centred scores [b]: divide by the running std (PPO_DETAILS 8), clip,
-    put a response with no EOS below every finished one (PPO_DETAILS 5), and for the no-signal
-    control shuffle the scores among this rank's samples."""
-    running.update(centered, d)
-    scores = centered / running.std
-    if args.reward_clip:
-        scores = scores.clamp(-args.reward_clip, args.reward_clip)
-    lowest_finished = plumbing.global_min(torch.where(has_eos, scores, torch.full_like(scores, math.inf)), d)
-    if not math.isfinite(lowest_finished):  # no response in the batch finished
-        lowest_finished = plumbing.global_min(scores, d)
-    scores = torch.where(has_eos, scores, torch.full_like(scores, lowest_finished - args.no_eos_margin))
-    if args.shuffle_rewards:
-        shuffle = torch.Generator().manual_seed(args.seed * 100003 + it * d.world + d.rank + 7919)
-        scores = scores[torch.randperm(len(scores), generator=shuffle).to(scores.device)]
-    return scores
 
 
 def rollout(args, d, policy, reference, critic, scorer, tokenizer, prompts, it, running, groups_of=None, judge=None,
@@ -235,7 +202,7 @@ def rollout(args, d, policy, reference, critic, scorer, tokenizer, prompts, it, 
     t_gen = time.perf_counter() - t0
     first = int(q_mask.any(0).nonzero()[0, 0])  # drop the columns that are padding in every row (static KV caches pad)
     q_ids, q_mask = q_ids[:, first:], q_mask[:, first:]
-    has_eos, r_mask, P = (resp == tokenizer.eos_token_id).any(-1), response_mask(resp, tokenizer.eos_token_id), q_ids.shape[1]
+    has_eos, r_mask, P = (resp == tokenizer.eos_token_id).any(-1), plumbing.response_mask(resp, tokenizer.eos_token_id), q_ids.shape[1]
     ids, mask = torch.cat([q_ids, resp], 1).to(d.device), torch.cat([q_mask, r_mask], 1).to(d.device)
     r_mask, logp = r_mask.to(d.device).float(), logp.to(d.device)
     with torch.no_grad():
@@ -244,7 +211,7 @@ def rollout(args, d, policy, reference, critic, scorer, tokenizer, prompts, it, 
         bad = int(plumbing.all_reduce_sum((~torch.isfinite(raw)).sum().float(), d).item())
         if bad:  # every rank has the count, so every rank stops
             raise SystemExit(f"ppo_gi: {bad} rollout score(s) from --reward {args.reward} are not finite (NaN or inf); stopped before training on them")
-        scores = shape_scores(args, d, raw - scorer.center, has_eos.to(d.device), running, it)
+        scores = plumbing.shape_scores(args, d, raw - scorer.center, has_eos.to(d.device), running, it)
         # 3. log π_old: the sampler's own (PPO_DETAILS 2); log π^SFT; values; p(g|x, y)
         ref_logp = plumbing.in_chunks(lambda i, m: plumbing.response_logprobs(reference, i, m, P, args.temperature)[0], args.forward_batch, ids, mask)
         values, probs = plumbing.in_chunks(lambda i, m, g: group_probs(critic, i, m, P, g), args.forward_batch, ids, mask, groups_of)
@@ -259,7 +226,7 @@ def rollout(args, d, policy, reference, critic, scorer, tokenizer, prompts, it, 
         advantages, returns = gae(rewards, values, r_mask, args.gamma, args.lam)
         seq_returns = (rewards * args.gamma ** torch.arange(rewards.shape[1], device=rewards.device)).sum(-1)
         if args.whiten_advantages:
-            advantages = masked_whiten(advantages, r_mask, d)
+            advantages = plumbing.masked_whiten(advantages, r_mask, d)
         judged = plumbing.in_chunks(judge, args.forward_batch, prompts, texts, ids, mask) if judge else None
     return dict(ids=ids, mask=mask, r_mask=r_mask, logp=logp, values=values, returns=returns, advantages=advantages, judged=judged,
                 probs=probs, scores=scores, raw=raw, seq_returns=seq_returns, kl=kl, rewards=rewards, p_high=p_high, g_high=g_high,
@@ -267,25 +234,12 @@ def rollout(args, d, policy, reference, critic, scorer, tokenizer, prompts, it, 
                 perf={"perf/gen_s": t_gen, "perf/score_s": time.perf_counter() - t0 - t_gen})
 
 
-def backward_in_parts(loss_of, n_rows, d, grad_accum):
-    """Back-propagate one global minibatch in --grad_accum micro-batches of this rank's `n_rows` rows:
-    loss_of(rows) is the whole minibatch's loss with only `rows` live (None: all), so the parts'
-    gradients add up to the whole's; × world undoes FSDP2's average over ranks. Returns the summed loss."""
-    total = 0.0
-    for rows in [None] if grad_accum == 1 else list(torch.arange(n_rows).chunk(grad_accum)):
-        loss = loss_of(rows)
-        (loss * d.world).backward()
-        total = total + loss.detach()
-    return total
-
-
 def ppo_update(args, d, policy, critic, opt_policy, opt_critic, batch, log_stats, it=0, group_probs=groups.p_phi):
     """6. PPO epochs over this rank's rollout in global minibatches (each rank holds 1/world of each):
-    first θ's step, then the critic's, each its own AdamW. Losses span the global minibatch."""
+    θ's step, then the critic's, each its own AdamW; the losses span the global minibatch."""
     beta_policy = 0.0 if args.no_gi else args.beta_policy
     beta_critic = args.beta_critic if not args.no_gi and getattr(group_probs, "reads_phi", True) else 0.0
-    # the group sums over ranks: this rank's share live, the others' as constants (their own ranks differentiate them)
-    reduce = lambda x: plumbing.sum_over_ranks(x, d)  # noqa: E731
+    reduce = lambda x: plumbing.sum_over_ranks(x, d)  # noqa: E731  the group sums over ranks, this rank's share live
     n_min = args.min_group_frac * args.minibatch / args.n_groups  # groups.py: the least size of a group
     n_local, P = batch["ids"].shape[0], batch["P"]
     gen = torch.Generator().manual_seed(args.seed * 100003 + it)
@@ -294,90 +248,47 @@ def ppo_update(args, d, policy, critic, opt_policy, opt_critic, batch, log_stats
         # ranks; later epochs permute each rank's samples the same way on all ranks (PPO_DETAILS 14)
         order = torch.arange(n_local) if epoch == 0 else torch.randperm(n_local, generator=gen)
         for idx in order.chunk(args.rollout_batch // args.minibatch):
-            mb = {k: batch[k][idx] for k in ("ids", "mask", "r_mask", "advantages", "logp", "probs", "values", "returns", "seq_returns")}
-            mb["groups"] = [batch["groups"][i] for i in idx]
-            at = lambda key, rows: mb[key] if rows is None else (mb[key][rows] if key != "groups" else [mb[key][i] for i in rows])  # noqa: E731
+            mb = plumbing.pick(batch, idx, ("ids", "mask", "r_mask", "advantages", "logp", "probs", "values", "returns", "seq_returns", "groups"))
             n_tok = plumbing.all_reduce_sum(mb["r_mask"].sum().clone(), d)  # response tokens, all ranks
             # G_i centred on the minibatch mean: the floor n_min then shrinks a small group towards the batch mean, not 0
             G = groups.centered(mb["seq_returns"], reduce)
             sums, keep = collections.Counter(), {}
 
             def theta_loss(rows):
-                new_logp, ent = plumbing.response_logprobs(policy, at("ids", rows), at("mask", rows), P, args.temperature, with_entropy=True)
-                old_logp, r_mask = at("logp", rows), at("r_mask", rows)
+                r = plumbing.pick(mb, rows)
+                new_logp, ent = plumbing.response_logprobs(policy, r["ids"], r["mask"], P, args.temperature, with_entropy=True)
                 pg_loss, r_var, keep["J"], ratio = policy_loss(
-                    new_logp, old_logp, at("advantages", rows), at("returns", rows), r_mask, G, mb["probs"], rows, n_tok=n_tok,
+                    new_logp, r["logp"], r["advantages"], r["returns"], r["r_mask"], G, mb["probs"], rows, n_tok=n_tok,
                     minibatch=args.minibatch, cliprange=args.cliprange, n_min=n_min, j_form=args.j_form, reduce=reduce)
+                sums.update(plumbing.policy_stats(pg_loss, n_tok, new_logp, r["logp"], ratio, ent, r["r_mask"], args.cliprange))
                 keep["r_var_theta"] = r_var.detach()
-                sums.update({"policy/loss": (pg_loss * n_tok).detach(), "policy/entropy": (ent * r_mask).sum(),
-                             "policy/approxkl": (0.5 * (new_logp - old_logp).detach() ** 2 * r_mask).sum(),
-                             "policy/clipfrac": (((ratio.detach() - 1).abs() > args.cliprange).float() * r_mask).sum()})
-                # Stage 2, θ: descend L^CLIP(θ) + β_policy·R_var(θ, φ), p_φ fixed
+                # Stage 2, θ: descend L^CLIP(θ) + β_policy·R_var(θ, φ), with p(g|x, y) the rollout's (φ fixed)
                 loss = pg_loss + beta_policy * r_var
                 return loss
 
-            total = backward_in_parts(theta_loss, len(idx), d, args.grad_accum)
+            total = plumbing.backward_in_parts(theta_loss, len(idx), d, args.grad_accum)
             plumbing.optimizer_step(total, policy, opt_policy, log_stats, "ppo_gi policy", backward=False)
-
             p_rest = None
             if args.grad_accum > 1:  # every row's p(g|·) as the critic has it now, for the parts' R_var
                 with torch.no_grad():
-                    p_rest = torch.cat([group_probs(critic, at("ids", r), at("mask", r), P, at("groups", r))[1]
-                                        for r in torch.arange(len(idx)).chunk(args.grad_accum)])
+                    parts = [plumbing.pick(mb, rows) for rows in torch.arange(len(idx)).chunk(args.grad_accum)]
+                    p_rest = torch.cat([group_probs(critic, r["ids"], r["mask"], P, r["groups"])[1] for r in parts])
 
             def critic_step_loss(rows):
-                values, p_phi = group_probs(critic, at("ids", rows), at("mask", rows), P, at("groups", rows))
-                v, old_v, r_mask = values[:, P - 1:-1], at("values", rows), at("r_mask", rows)
-                vf_loss, r_var_phi = critic_loss(v, old_v, at("returns", rows), r_mask, G if args.j_form == "derived" else keep["J"],
-                                                 p_phi, rows, p_rest, n_tok=n_tok, cliprange_value=args.cliprange_value, n_min=n_min,
-                                                 reduce=reduce)
+                r = plumbing.pick(mb, rows)
+                values, p_phi = group_probs(critic, r["ids"], r["mask"], P, r["groups"])
+                v = values[:, P - 1:-1]
+                vf_loss, r_var_phi = critic_loss(v, r["values"], r["returns"], r["r_mask"], G if args.j_form == "derived" else keep["J"],
+                                                 p_phi, rows, p_rest, n_tok=n_tok, cliprange_value=args.cliprange_value, n_min=n_min, reduce=reduce)
+                sums.update(plumbing.critic_stats(vf_loss, n_tok, v, r["values"], r["r_mask"], args.cliprange_value))
                 keep["r_var_phi"] = r_var_phi.detach()
-                sums.update({"val/loss": (vf_loss * n_tok).detach(),
-                             "val/clipfrac": (((v - old_v).abs() > args.cliprange_value).float() * r_mask).sum().detach()})
-                # Stage 1, φ: ascend R_var(θ, φ) / Var(G), θ's terms fixed, as the critic's loss to descend
+                # Stage 1, φ: ascend R_var(θ, φ) / Var(G) with θ's terms fixed, as the critic's loss to descend
                 loss = vf_loss - beta_critic * r_var_phi
                 return loss
 
-            total = backward_in_parts(critic_step_loss, len(idx), d, args.grad_accum)
+            total = plumbing.backward_in_parts(critic_step_loss, len(idx), d, args.grad_accum)
             plumbing.optimizer_step(total, critic, opt_critic, log_stats, "ppo_gi critic", backward=False)
-            with torch.no_grad():
-                names = sorted(sums)
-                means = plumbing.all_reduce_sum(torch.stack([sums[k] for k in names]).float(), d) / n_tok
-            for name, value in [*zip(names, means.tolist()), ("groups/r_var_theta", keep["r_var_theta"].item()),
-                                ("groups/r_var_phi", keep["r_var_phi"].item())]:
-                log_stats.setdefault(name, []).append(value)
-
-
-def iteration_metrics(args, d, batch, stats, running, all_groups=()):
-    """PPO diagnostics (names as in TRL / the N+ details) plus groups/* for this method (PPO_DETAILS 17)."""
-    r_mask = batch["r_mask"]
-    seq_kl = (batch["kl"] * r_mask).sum(-1)
-    rows = torch.stack([torch.ones_like(seq_kl), seq_kl, batch["raw"], batch["scores"] - args.kl_coef * batch["p_high"] * seq_kl,
-                        batch["has_eos"].to(seq_kl.device), batch["p_high"], args.kl_coef * batch["p_high"]], -1)
-    tot = plumbing.all_reduce_sum(rows.sum(0), d)
-    names = ["objective/kl", "objective/scores", "objective/rlhf_reward", "num_eos", "groups/p_high_mean", "groups/kl_weight"]
-    m = {k: (v / tot[0]).item() for k, v in zip(names, tot[1:])}
-    ret, val = batch["returns"], batch["values"]
-    ev = plumbing.all_reduce_sum(torch.stack([((ret - val) * r_mask).sum(), ((ret - val) ** 2 * r_mask).sum(),
-                                              (ret * r_mask).sum(), (ret ** 2 * r_mask).sum(), r_mask.sum()]), d)
-    var_err, var_ret = ev[1] / ev[4] - (ev[0] / ev[4]) ** 2, ev[3] / ev[4] - (ev[2] / ev[4]) ** 2
-    m["val/explained_variance"] = (1 - var_err / var_ret.clamp(min=1e-8)).item()
-    m.update({k: sum(v) / len(v) for k, v in stats.items() if isinstance(v, list)})
-    m["train/skipped"], m["objective/running_std"] = stats.get("skipped", 0), running.std
-    # groups/*: each inferred group's soft size, mean score and mean return (the sequence return at t = 0)
-    probs = batch["probs"]
-    sums = plumbing.all_reduce_sum(torch.cat([probs.sum(0), (probs * batch["scores"][:, None]).sum(0), (probs * ret[:, 0:1]).sum(0)]), d)
-    for g, (size, score, ret_g) in enumerate(sums.view(3, -1).T.tolist()):
-        m.update({f"groups/size_{g}": size, f"groups/score_{g}": score / max(size, 1e-8), f"groups/return_{g}": ret_g / max(size, 1e-8)})
-    m["groups/g_high"] = batch["g_high"]
-    if args.data == "toy":  # the gold judge on the sampled responses, per true group
-        gold = [toy.gold_score(p, t) for p, t in zip(batch["prompts"], batch["texts"])]
-        m.update(plumbing.group_means("gold", gold, [toy.true_group(p) for p in batch["prompts"]], toy.GROUPS, d))
-    if all_groups:  # the KL per group of the data: where the adaptive KL holds the policy, and where it lets go
-        m.update(plumbing.group_means("kl", seq_kl.tolist(), batch["groups"], all_groups, d))
-    if batch["judged"] is not None:  # --judge_reward: the watching reward model, per group of the data
-        m.update(plumbing.group_means("judge", batch["judged"].tolist(), batch["groups"], all_groups, d))
-    return m
+            plumbing.log_update(log_stats, sums, n_tok, d, {"groups/r_var_theta": keep["r_var_theta"], "groups/r_var_phi": keep["r_var_phi"]})
 
 
 def main(args, group_probs=groups.p_phi, kl_weight=adaptive_kl_weight):
@@ -458,7 +369,10 @@ def main(args, group_probs=groups.p_phi, kl_weight=adaptive_kl_weight):
         n_gen, n_seq = plumbing.all_reduce_sum(torch.stack([batch["r_mask"].sum().float(), batch["mask"].sum().float()]), d).tolist()
         perf.update({"perf/gen_tokens_per_s": n_gen / max(perf["perf/gen_s"], 1e-9), **plumbing.perf_metrics(n_seq, perf["perf/step_s"], d.device)})
         if (it + 1) % args.log_every == 0 or it == 0:
-            m = iteration_metrics(args, d, batch, stats, running, all_groups)
+            m = plumbing.iteration_metrics(args, d, batch, stats, running, all_groups)
+            if args.data == "toy":  # the gold judge watching the sampled responses, per true group
+                gold = [toy.gold_score(p, t) for p, t in zip(batch["prompts"], batch["texts"])]
+                m.update(plumbing.group_means("gold", gold, [toy.true_group(p) for p in batch["prompts"]], toy.GROUPS, d))
             log.log(it + 1, {**m, **perf, "lr": optimizers["policy"].param_groups[0]["lr"]})
             bar.set_postfix(score=f"{m['objective/scores']:.3f}", kl=f"{m['objective/kl']:.3f}")
         if args.sample_every and (it + 1) % args.sample_every == 0:  # a few of rank 0's samples, as a table

@@ -1,5 +1,5 @@
 """The plumbing every stage shares, kept out of the stage files so they read as algorithms. Nothing
-here is RLHF-specific. Stages call `plumbing.X`; each X lives in the module named here:
+here is the method's. Stages call `plumbing.X`; each X lives in the module named here:
 
     processes   one process or torchrun (FSDP2), seeds, the global batch of a step, autocast,
                 gradient checkpointing, sums and gathers over ranks
@@ -11,6 +11,8 @@ here is RLHF-specific. Stages call `plumbing.X`; each X lives in the module name
                 bad input (DataError) and a stage's entry point
     training    the supervised loop of SFT, reward modelling and DPO, its flags and learning-rate
                 schedule; the running std PPO scales scores by
+    ppo         PPO's machinery that is not the method: the response mask, score shaping, whitening,
+                a minibatch back-propagated in parts, the per-iteration metrics
     web         the LLM judge's HTTP request (no redirect followed: the key goes nowhere else)
 
 Under `python X.py` everything runs in one process with no process group and no sharding; under
@@ -32,6 +34,8 @@ from plumbing.runs import (SAVING, DataError, MetricsLog, _full_model_state, at_
                            checkpoint_state, checkpoints, earlier_run, fail_if_mostly_skipped, find_checkpoint,
                            fingerprint, fraction, load_optimizer_state, lock_output, perf_metrics, peak_rss_mb, progress,
                            run_main, save_checkpoint, save_model, start_run, verify_checkpoint, write_atomic, write_jsonl)
+from plumbing.ppo import (backward_in_parts, critic_stats, iteration_metrics, log_update, masked_whiten, pick,  # noqa: F401
+                          policy_stats, response_mask, shape_scores)
 from plumbing.training import (MAY_CHANGE_ON_RESUME, RunningStd, adamw, add_training_flags, lr_at, resumed_state,  # noqa: F401
                                start_training, supervised_loop)
 from plumbing.web import RedirectRefused, post_json  # noqa: F401

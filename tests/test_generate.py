@@ -7,7 +7,6 @@ import torch
 
 import data
 import plumbing
-import ppo_gi
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +74,7 @@ def test_sampler_logprobs_equal_a_recomputation(tok_model_prompts, temperature, 
     full forward over prompt + response recomputes them."""
     tok, model, prompts = tok_model_prompts
     for q_ids, q_mask, resp, _, logp in both(tok, model, prompts, temperature=temperature, seed=1, min_new_tokens=min_new_tokens):
-        r_mask = ppo_gi.response_mask(resp, tok.eos_token_id)
+        r_mask = plumbing.response_mask(resp, tok.eos_token_id)
         ids, mask = torch.cat([q_ids, resp], 1), torch.cat([q_mask, r_mask], 1)
         with torch.no_grad():
             again, _ = plumbing.response_logprobs(model, ids, mask, q_ids.shape[1], temperature or 1.0)

@@ -85,7 +85,7 @@ def test_min_group_size_shrinks_a_near_empty_group_and_keeps_phi_from_isolating_
 def test_adaptive_kl_rewards_scale_with_p_high_and_score_lands_on_the_last_real_token():
     eos, pad = 9, 0
     resp = torch.tensor([[4, 5, eos, pad, pad], [4, 5, 6, 7, 8]])  # with EOS, and cut off without one
-    mask = ppo_gi.response_mask(resp, eos).float()
+    mask = plumbing.response_mask(resp, eos).float()
     assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
     kl = torch.full((2, 5), 0.5) * mask
     scores = torch.tensor([2.0, -1.0])
@@ -260,11 +260,11 @@ def test_scores_put_unfinished_responses_below_every_finished_one_and_shuffle_pe
     args = ppo_gi.parser.parse_args([])
     centered = torch.tensor([0.3, -2.0, 1.5, 0.1, -0.4, 9.0])
     has_eos = torch.tensor([True, True, False, True, True, False])
-    scores = ppo_gi.shape_scores(args, plumbing.Dist(), centered, has_eos, ppo_gi.RunningStd(), 0)
+    scores = plumbing.shape_scores(args, plumbing.Dist(), centered, has_eos, ppo_gi.RunningStd(), 0)
     assert scores[~has_eos].max() < scores[has_eos].min() - 0.99  # the margin, in scaled units
     assert torch.allclose(scores[has_eos] / scores[0], centered[has_eos] / centered[0])  # the rest only scaled
     args.shuffle_rewards = True
-    shuffled = ppo_gi.shape_scores(args, plumbing.Dist(), centered, has_eos, ppo_gi.RunningStd(), 0)
+    shuffled = plumbing.shape_scores(args, plumbing.Dist(), centered, has_eos, ppo_gi.RunningStd(), 0)
     assert not torch.equal(shuffled, scores) and torch.equal(shuffled.sort().values, scores.sort().values)
 
 
@@ -392,7 +392,7 @@ def test_policy_and_critic_losses_on_hand_computed_numbers():
 def test_masked_whiten_equals_whitening_the_kept_entries():
     gen = torch.Generator().manual_seed(0)
     x, mask = torch.randn(5, 7, generator=gen, dtype=torch.float64), (torch.rand(5, 7, generator=gen) > 0.4).double()
-    out = ppo_gi.masked_whiten(x, mask, plumbing.Dist())
+    out = plumbing.masked_whiten(x, mask, plumbing.Dist())
     kept = x[mask.bool()].numpy()
     assert np.allclose(out[mask.bool()].numpy(), (kept - kept.mean()) / kept.std()) and (out[~mask.bool()] == 0).all()
 
