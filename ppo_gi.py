@@ -6,8 +6,8 @@ from π_θ; 2. score them with r_ψ; 3. log π_old, log π^SFT, V and p_φ(g|x,y
 the adaptive KL; 5. GAE; 6. PPO epochs: θ descends the clipped surrogate + β_policy·R_var (φ fixed),
 the critic descends its value loss − β_critic·R_var (φ ascends R_var, θ's terms fixed).
 The paper's baselines and ablations: --no_gi (PPO w/ KL), --no_gi --kl_coef 0 (PPO), --fixed_kl,
---beta_policy 0; --shuffle_rewards is the no-signal control. The study's variants (the data's
-groups, groups of prompts, a reward-rank KL) are study/ppo_variants.py, through main's two seams.
+--beta_policy 0; --shuffle_rewards is the no-signal control. The study's variants (other groups, KL
+weights, advantage estimators, rewards) are study/ppo_variants.py, through main's seams.
 
     python ppo_gi.py                                   # GI-PPO on the built-in task, 1 process
     torchrun --nproc_per_node 8 ppo_gi.py --sft runs/sft-7b --reward runs/rm-7b --data Anthropic/hh-rlhf \\
@@ -26,8 +26,7 @@ import plumbing
 import reward
 import toy
 
-count, rate = plumbing.at_least(1), plumbing.at_least(0.0, float)
-positive = plumbing.at_least(0.0, float, above=True)
+count, rate, positive = plumbing.at_least(1), plumbing.at_least(0.0, float), plumbing.at_least(0.0, float, above=True)
 # flags that --resume may change: how long, how often to log, evaluate or save; none changes the model, the data or a shape
 MAY_CHANGE_ON_RESUME = {"steps", "stop_at", "resume", "save_every", "log_every", "eval_prompts", "eval_split", "max_skipped",
                         "keep_checkpoints", "report_to", "sample_every", "judge_reward"}
@@ -136,6 +135,17 @@ def gae(rewards, values, mask, gamma, lam):
     return advantages, (advantages + values) * mask
 
 
+class GAE:
+    """The advantage estimator, a seam (study/ppo_variants.py passes RLOO's): GAE over the critic's
+    values, one sample per prompt, the value head trained; advantages whitened (PPO_DETAILS 10)."""
+    samples_per_prompt, learns_values = 1, True
+
+    @staticmethod
+    def advantages(args, rewards, values, r_mask, d):
+        advantages, returns = gae(rewards, values, r_mask, args.gamma, args.lam)
+        return plumbing.masked_whiten(advantages, r_mask, d) if args.whiten_advantages else advantages, returns
+
+
 def per_trajectory_terms(j_form, G, pg_per_token, n_tok, minibatch, new_logp, returns, r_mask):
     """J_i [b], the per-trajectory term inside R_g(θ) for the θ step (docs/METHOD.md, "The per-trajectory term J_i")."""
     if j_form == "derived":
@@ -189,7 +199,7 @@ RunningStd = plumbing.RunningStd  # the scores' running std (PPO_DETAILS 8)
 
 
 def rollout(args, d, policy, reference, critic, scorer, tokenizer, prompts, it, running, groups_of=None, judge=None,
-            group_probs=groups.p_phi, kl_weight=adaptive_kl_weight):
+            group_probs=groups.p_phi, kl_weight=adaptive_kl_weight, estimator=GAE):
     """Steps 1–5 on this rank's prompts; returns a dict of [b, …] tensors. `groups_of`: each prompt's
     data group (logs; the seams may read it); `judge`: a scorer that only watches (--judge_reward)."""
     policy.eval()
@@ -222,11 +232,9 @@ def rollout(args, d, policy, reference, critic, scorer, tokenizer, prompts, it, 
         # 4. token rewards with the adaptive KL penalty
         kl = kl_per_token(logp, ref_logp, args.kl_estimator) * r_mask
         rewards = adaptive_kl_rewards(scores, kl, r_mask, p_high, args.kl_coef)
-        # 5. advantages and returns; G_i = Σ_t γ^t·r_t, the trajectory's scalar return that R_g averages
-        advantages, returns = gae(rewards, values, r_mask, args.gamma, args.lam)
+        # 5. advantages and returns (GAE); G_i = Σ_t γ^t·r_t, the trajectory's scalar return that R_g averages
+        advantages, returns = estimator.advantages(args, rewards, values, r_mask, d)
         seq_returns = (rewards * args.gamma ** torch.arange(rewards.shape[1], device=rewards.device)).sum(-1)
-        if args.whiten_advantages:
-            advantages = plumbing.masked_whiten(advantages, r_mask, d)
         judged = plumbing.in_chunks(judge, args.forward_batch, prompts, texts, ids, mask) if judge else None
     return dict(ids=ids, mask=mask, r_mask=r_mask, logp=logp, values=values, returns=returns, advantages=advantages, judged=judged,
                 probs=probs, scores=scores, raw=raw, seq_returns=seq_returns, kl=kl, rewards=rewards, p_high=p_high, g_high=g_high,
@@ -234,7 +242,7 @@ def rollout(args, d, policy, reference, critic, scorer, tokenizer, prompts, it, 
                 perf={"perf/gen_s": t_gen, "perf/score_s": time.perf_counter() - t0 - t_gen})
 
 
-def ppo_update(args, d, policy, critic, opt_policy, opt_critic, batch, log_stats, it=0, group_probs=groups.p_phi):
+def ppo_update(args, d, policy, critic, opt_policy, opt_critic, batch, log_stats, it=0, group_probs=groups.p_phi, estimator=GAE):
     """6. PPO epochs over this rank's rollout in global minibatches (each rank holds 1/world of each):
     θ's step, then the critic's, each its own AdamW; the losses span the global minibatch."""
     beta_policy = 0.0 if args.no_gi else args.beta_policy
@@ -261,7 +269,7 @@ def ppo_update(args, d, policy, critic, opt_policy, opt_critic, batch, log_stats
                     new_logp, r["logp"], r["advantages"], r["returns"], r["r_mask"], G, mb["probs"], rows, n_tok=n_tok,
                     minibatch=args.minibatch, cliprange=args.cliprange, n_min=n_min, j_form=args.j_form, reduce=reduce)
                 sums.update(plumbing.policy_stats(pg_loss, n_tok, new_logp, r["logp"], ratio, ent, r["r_mask"], args.cliprange))
-                keep["r_var_theta"] = r_var.detach()
+                keep["groups/r_var_theta"] = r_var.detach()
                 # Stage 2, θ: descend L^CLIP(θ) + β_policy·R_var(θ, φ), with p(g|x, y) the rollout's (φ fixed)
                 loss = pg_loss + beta_policy * r_var
                 return loss
@@ -281,24 +289,26 @@ def ppo_update(args, d, policy, critic, opt_policy, opt_critic, batch, log_stats
                 vf_loss, r_var_phi = critic_loss(v, r["values"], r["returns"], r["r_mask"], G if args.j_form == "derived" else keep["J"],
                                                  p_phi, rows, p_rest, n_tok=n_tok, cliprange_value=args.cliprange_value, n_min=n_min, reduce=reduce)
                 sums.update(plumbing.critic_stats(vf_loss, n_tok, v, r["values"], r["r_mask"], args.cliprange_value))
-                keep["r_var_phi"] = r_var_phi.detach()
+                keep["groups/r_var_phi"] = r_var_phi.detach()
+                vf_loss = vf_loss if estimator.learns_values else vf_loss.detach() * 0.0  # RLOO's critic: only φ's body
                 # Stage 1, φ: ascend R_var(θ, φ) / Var(G) with θ's terms fixed, as the critic's loss to descend
                 loss = vf_loss - beta_critic * r_var_phi
                 return loss
 
-            total = plumbing.backward_in_parts(critic_step_loss, len(idx), d, args.grad_accum)
-            plumbing.optimizer_step(total, critic, opt_critic, log_stats, "ppo_gi critic", backward=False)
-            plumbing.log_update(log_stats, sums, n_tok, d, {"groups/r_var_theta": keep["r_var_theta"], "groups/r_var_phi": keep["r_var_phi"]})
+            if estimator.learns_values or beta_critic:  # (RLOO's critic is only φ's body)
+                total = plumbing.backward_in_parts(critic_step_loss, len(idx), d, args.grad_accum)
+                plumbing.optimizer_step(total, critic, opt_critic, log_stats, "ppo_gi critic", backward=False)
+            plumbing.log_update(log_stats, sums, n_tok, d, {k: v for k, v in keep.items() if k.startswith("groups/")})
 
 
-def main(args, group_probs=groups.p_phi, kl_weight=adaptive_kl_weight):
-    """Train. The seams: `group_probs(critic, ids, mask, P, groups)` gives the values and p(g|·) (the
-    paper's p_φ(g|x, y) by default; one with .reads_phi = False leaves φ out of training) and
-    `kl_weight(args, scores, probs, g_high, d)` the KL penalty's per-sample weight."""
+def main(args, group_probs=groups.p_phi, kl_weight=adaptive_kl_weight, estimator=GAE, load_scorer=reward.load_scorer):
+    """Train. The seams, the paper's by default (study/ppo_variants.py passes others):
+    `group_probs(critic, ids, mask, P, groups)` gives the values and p(g|·) (one with .reads_phi = False
+    leaves φ out of training), `kl_weight(args, scores, probs, g_high, d)` the KL penalty's per-sample
+    weight, `estimator` the advantages (GAE), `load_scorer(spec, tokenizer, d, bf16)` the reward r_ψ."""
     plumbing.check_model_dir(args.sft, "--sft", "lm")
-    for flag in ("reward", "judge_reward"):
-        if getattr(args, flag):
-            plumbing.check_reward_dir(getattr(args, flag), f"--{flag}")
+    for flag in [f for f in ("reward", "judge_reward") if getattr(args, f)]:
+        plumbing.check_reward_dir(getattr(args, flag), f"--{flag}")
     d = plumbing.init_distributed()
     checks = [(args.minibatch > args.rollout_batch, f"--batch_size (--minibatch) {args.minibatch} exceeds --rollout_batch {args.rollout_batch}"),
               (args.rollout_batch % args.minibatch or args.minibatch % d.world,
@@ -306,15 +316,16 @@ def main(args, group_probs=groups.p_phi, kl_weight=adaptive_kl_weight):
               (args.reward == "gold" and args.data != "toy", "--reward gold is the built-in task's judge: it needs --data toy"),
               (args.max_len <= args.max_new_tokens, f"--max_len {args.max_len} must exceed --max_new_tokens {args.max_new_tokens}"),
               (args.grad_accum > 1 and args.j_form == "slide", "--grad_accum > 1 needs --j_form derived"),
-              (not args.no_gi and args.n_groups < 2, f"--n_groups {args.n_groups}: GI-PPO needs at least 2 groups (--no_gi is PPO)")]
+              (not args.no_gi and args.n_groups < 2, f"--n_groups {args.n_groups}: GI-PPO needs at least 2 groups (--no_gi is PPO)"),
+              (args.rollout_batch % (estimator.samples_per_prompt * d.world), f"--rollout_batch {args.rollout_batch}: not "
+               f"{estimator.samples_per_prompt} samples of each prompt on each of {d.world} ranks")]
     for failed, message in checks:
         if failed:
             parser.error(message)
     bf16 = bool(args.bf16) if args.bf16 is not None else d.device.type == "cuda"
     plumbing.seed_everything(args.seed)
     records = data.load_prompts(args.data, args.split, group_by=args.group_by)
-    prompts, groups_of = [x["prompt"] for x in records], [x.get("group") for x in records]
-    all_groups = data.group_names(records)
+    prompts, groups_of, all_groups = [x["prompt"] for x in records], [x.get("group") for x in records], data.group_names(records)
     ckpt = plumbing.start_run(args, parser, d, MAY_CHANGE_ON_RESUME, {"--sft": args.sft, "--reward": args.reward, "--judge_reward": args.judge_reward})
     tokenizer = plumbing.load_tokenizer(args.sft)
     if d.main:  # how many prompts --max_len − --max_new_tokens cuts (from the left)
@@ -332,7 +343,7 @@ def main(args, group_probs=groups.p_phi, kl_weight=adaptive_kl_weight):
     for model in (policy, reference, critic):  # dropout off everywhere (PPO_DETAILS 1): eval mode, gradients still flow
         plumbing.shard(model.eval(), d, bf16=bf16, checkpointing=args.gradient_checkpointing and model is not reference)
     reference.requires_grad_(False)
-    scorer = reward.load_scorer(args.reward, tokenizer, d, bf16)
+    scorer = load_scorer(args.reward, tokenizer, d, bf16)
     judge = reward.load_scorer(args.judge_reward, tokenizer, d, bf16) if args.judge_reward else None
     models = {"policy": policy, "critic": critic}
     optimizers = {"policy": plumbing.optimizer(policy, args.lr), "critic": plumbing.optimizer(critic, args.critic_lr)}
@@ -351,16 +362,17 @@ def main(args, group_probs=groups.p_phi, kl_weight=adaptive_kl_weight):
     planned, skipped = 2 * args.ppo_epochs * (args.rollout_batch // args.minibatch) * (min(args.stop_at or args.steps, args.steps) - first), 0
     bar = plumbing.progress(range(first, args.steps), d, initial=first, total=args.steps, desc="ppo")
     for it in bar:
-        mine = plumbing.batch_indices(it, args.rollout_batch, len(prompts), args.seed)[d.rank::d.world]
+        k = estimator.samples_per_prompt  # each prompt's samples, side by side
+        mine = [i for i in plumbing.batch_indices(it, args.rollout_batch // k, len(prompts), args.seed)[d.rank::d.world] for _ in range(k)]
         # learning rate: linear warm-up over --warmup iterations, then constant or a cosine to 10% at the last
         lr_scale = plumbing.lr_at(it, args.steps - 1, args.warmup, 1.0) if args.decay == "cosine" else min(1.0, (it + 1) / max(args.warmup, 1))
         for name, lr in (("policy", args.lr), ("critic", args.critic_lr)):
             for group in optimizers[name].param_groups:
                 group["lr"] = lr * lr_scale
         batch = rollout(args, d, policy, reference, critic, scorer, tokenizer, [prompts[i] for i in mine], it, running,
-                        groups_of=[groups_of[i] for i in mine], judge=judge, group_probs=group_probs, kl_weight=kl_weight)
+                        groups_of=[groups_of[i] for i in mine], judge=judge, group_probs=group_probs, kl_weight=kl_weight, estimator=estimator)
         stats, t_train = {}, time.perf_counter()
-        ppo_update(args, d, policy, critic, optimizers["policy"], optimizers["critic"], batch, stats, it, group_probs=group_probs)
+        ppo_update(args, d, policy, critic, optimizers["policy"], optimizers["critic"], batch, stats, it, group_probs=group_probs, estimator=estimator)
         skipped += stats.get("skipped", 0)
         plumbing.fail_if_mostly_skipped("ppo_gi", skipped, planned, args.max_skipped)
         perf = {**batch["perf"], "perf/train_s": time.perf_counter() - t_train, "perf/peak_rss_mb": plumbing.peak_rss_mb()}

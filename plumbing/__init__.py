@@ -38,4 +38,4 @@ from plumbing.ppo import (backward_in_parts, critic_stats, iteration_metrics, lo
                           policy_stats, response_mask, shape_scores)
 from plumbing.training import (MAY_CHANGE_ON_RESUME, RunningStd, adamw, add_training_flags, lr_at, resumed_state,  # noqa: F401
                                start_training, supervised_loop)
-from plumbing.web import RedirectRefused, post_json  # noqa: F401
+from plumbing.web import RedirectRefused, chat_completion, post_json  # noqa: F401

@@ -35,3 +35,14 @@ def post_json(url, payload, key=None, retries=3, timeout=60.0):
             if attempt < retries:
                 time.sleep(min(30.0, 2.0 ** attempt))
     return None, f"request failed after {retries + 1} tries ({last})"
+
+
+def chat_completion(base_url, model, messages, key=None, retries=3, timeout=60.0):
+    """One OpenAI-compatible chat-completions request at temperature 0 (post_json's retries and
+    redirect rule). Returns (the answer's text, None), or (None, why) when there is none."""
+    reply, why = post_json(base_url.rstrip("/") + "/chat/completions", {"model": model, "temperature": 0, "messages": messages},
+                           key, retries, timeout)
+    try:
+        return (reply["choices"][0]["message"]["content"], None) if reply is not None else (None, why)
+    except (KeyError, IndexError, TypeError) as e:
+        return None, f"an answer without choices[0].message.content ({e!r})"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# What carries GI-PPO's effect (RESULTS.md, "What carries the effect"; docs/METHOD.md, "Variants for
-# the study"), from one finished seed of ./pipeline.sh on the built-in task, whose SFT model, reward
+# What carries GI-PPO's effect (RESULTS.md, "What carries the effect"; docs/METHOD.md,
+# "Variants for the study"), from one finished seed of ./pipeline.sh on the built-in task, whose SFT model, reward
 # model and runs it reuses: every run here takes the pipeline's own command for its stage (its budgets
 # and seed) and changes only what the row names.
 #

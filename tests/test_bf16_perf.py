@@ -67,6 +67,7 @@ def test_bf16_sft_logs_tokens_per_s_of_the_real_tokens(tmp_path):
         assert "perf/gpu_mem_gb" not in r and all(map(lambda v: v == v, [r["train/loss"]]))  # CPU: no GPU memory
 
 
+@pytest.mark.slow
 def test_bf16_torchrun_two_processes_equal_one(tmp_path):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     run_script(["sft.py", "--out", one, "--steps", "4", "--save_every", "0", "--bf16", "1", *TINY_RUN])

@@ -216,8 +216,8 @@ def test_defaults_and_their_errors_name_the_flag(tmp_path, capsys):
         return capsys.readouterr().err
 
     assert "--judges gold rm" not in error() and "--judges rm needs --reward DIR" in error()  # toy: gold and rm
-    assert "--judges rm needs --reward DIR (real data: a judge RM" in error("--data", str(prompts))  # real data: rm
-    assert "--splits ood on real data needs --ood_data SPEC" in error("--data", str(prompts), "--reward", "r", "--splits", "test", "ood")
+    assert "--judges rm needs --reward DIR (real data: the judge RM)" in error("--data", str(prompts))  # real data: rm
+    assert "--splits ood on real data needs --ood_data" in error("--data", str(prompts), "--reward", "r", "--splits", "test", "ood")
     assert "--ood_data is for real data" in error("--reward", "r", "--ood_data", str(prompts))
     assert "--judges gold is the built-in task's judge" in error("--data", str(prompts), "--judges", "gold")
 

@@ -77,6 +77,7 @@ def test_score_accepts_a_rule():
     assert got.tolist() == [toy.gold_score(prompts[0], " apple"), toy.gold_score(prompts[1], " banana")]
 
 
+@pytest.mark.slow
 def test_reward_model_learns_the_builtin_task(toy_sft_dir, tmp_path):
     out = str(tmp_path / "rm")
     reward.main(reward.parser.parse_args(["--sft", toy_sft_dir, "--out", out, "--steps", "80", "--batch_size", "32",
@@ -96,6 +97,7 @@ def test_reward_model_learns_the_builtin_task(toy_sft_dir, tmp_path):
     assert stats["n_scores"] == 512 and stats["std"] > 0
 
 
+@pytest.mark.slow
 def test_dpo_raises_the_margin_on_the_builtin_task(toy_sft_dir, tmp_path):
     out = str(tmp_path / "dpo")
     dpo.main(dpo.parser.parse_args(["--sft", toy_sft_dir, "--out", out, "--steps", "30", "--batch_size", "32",
@@ -135,6 +137,7 @@ def _assert_same(a, b, key, tol=1e-5, weight_tol=3e-5):
     assert worst < weight_tol, worst
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["reward", "dpo"])
 def test_torchrun_two_processes_equal_one_and_resume(toy_sft_dir, tmp_path, stage):
     extra = ["--gold_prompts", "0"] if stage == "dpo" else ["--stats_pairs", "64"]

@@ -63,6 +63,7 @@ def test_prompt_tokens_carry_no_loss(tiny_tokenizer):
         assert logits.grad[i, start:end].abs().min() > 0
 
 
+@pytest.mark.slow
 def test_loss_falls_and_saved_directory_reloads(tmp_path):
     out = str(tmp_path / "sft")
     sft.main(sft.parser.parse_args(["--out", out, "--steps", "40", "--save_every", "0", "--batch_size", "32",
@@ -94,6 +95,7 @@ def _assert_same_run(a, b, tol=1e-5):
         assert torch.allclose(wa[k], wb[k], atol=tol, rtol=0), k
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_equal_one(tmp_path):
     """1 process = 1 process with 4 micro-batches = 1 process for 3 of 6 steps, its checkpoint resumed
     under 2 processes (steps 4-6 on 2 ranks, and a checkpoint that changes its number of ranks)."""
@@ -110,6 +112,7 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     assert [r["step"] for r in read_metrics(os.path.join(one, "metrics.jsonl")) if "eval/loss" in r].count(6) == 1
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(tmp_path):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     sft.main(sft.parser.parse_args(["--out", full, "--steps", "8", "--save_every", "0", *TINY_RUN]))

@@ -12,6 +12,8 @@ import pytest
 import plumbing
 from conftest import ROOT, run_script
 
+pytestmark = pytest.mark.slow  # each runs a bench script as a user would: a process and a model each
+
 
 def json_lines(stdout):
     """The JSON objects a script printed, one a line (other lines, such as a stage's own log, skipped)."""

@@ -12,6 +12,8 @@ import torch
 import plumbing
 from conftest import ROOT, run_script
 
+pytestmark = pytest.mark.slow  # each runs a bench script as a user would: a process and a model each
+
 
 def test_gpu_check_tiny_prints_a_row_per_stage(tmp_path):
     stages = ["sft", "rm", "gi_ppo", "generate", "sft_profile"]
