@@ -34,7 +34,7 @@ def test_every_cited_function_and_test_exists(doc):
     modules = {m.rsplit(".", 1)[-1] if m.startswith("study.") else m: m for m in MODULES if importlib.util.find_spec(m)}
     missing = []
     for mod, name in re.findall(r"`(\w+)\.(\w+)[`(\[ ]", text):
-        if mod in modules and name != "py" and not hasattr(importlib.import_module(modules[mod]), name):
+        if mod in modules and name not in ("py", "sh", "md", "json", "png") and not hasattr(importlib.import_module(modules[mod]), name):
             missing.append(f"{mod}.{name}")
     tests = "".join(read(os.path.relpath(p, ROOT)) for p in code_files() if "/tests/" in p)
     missing += [t for t in set(re.findall(r"\b(test_\w+)\b(?!\.py)", text)) if f"def {t}(" not in tests]
@@ -84,7 +84,7 @@ def test_every_command_names_a_script_and_flags_that_exist(doc):
     """Each `python X.py …`, `./pipeline.sh …` or `study/*.sh …` line in a code block: the script is there
     and every --flag it passes is one the script declares."""
     bad = []
-    for block in re.findall(r"```(?:bash)?\n(.*?)```|^    ((?:python|\./pipeline|study/|for ).*)$", read(doc), re.S | re.M):
+    for block in re.findall(r"```(?:bash)?\n(.*?)```|^    ((?:python|\./pipeline|study/|for )[^\n]*)$", read(doc), re.S | re.M):
         for line in "\n".join(block).replace("\\\n", " ").splitlines():
             m = re.search(r"(?:python\s+(?:-m\s+\S+\s+)?|^|&&\s*|;\s*)((?:\./)?(?:study/|bench/)?\w+\.(?:py|sh))\b(.*)", line.split("#")[0])
             if not m or m.group(1).startswith(("pytest", "pip")):
