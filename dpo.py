@@ -6,8 +6,7 @@ included; the implicit reward β·(log π_θ − log π_ref) is logged as reward
 GR-DPO (group-robust weights over the data's groups) is study/gr_dpo.py.
 
     python dpo.py                                  # on the built-in task, from runs/sft
-    torchrun --nproc_per_node 8 dpo.py --sft runs/sft-7b --data Anthropic/hh-rlhf \\
-        --lr 5e-7 --batch_size 64 --max_len 512                                        # 1 node, 8 GPUs
+    torchrun --nproc_per_node 8 dpo.py --sft runs/sft-7b --data Anthropic/hh-rlhf --lr 5e-7 --batch_size 64 --max_len 512
 
 Writes --out (default runs/dpo): the policy (save_pretrained), metrics.jsonl, checkpoints/.
 """
@@ -51,8 +50,7 @@ def pair_logprobs(model, examples, pad_id, device):
 
 
 def pair_stats(pi_c, pi_r, ref_c, ref_r, beta, prefix, weights=None):
-    """The (weighted) summed loss and summed diagnostics of a batch of pairs (the loop divides by the
-    number of pairs), and the per-pair losses."""
+    """A batch's (weighted) summed loss, its summed diagnostics (the loop divides by the pairs), the per-pair losses."""
     loss, rc, rr = dpo_loss(pi_c, pi_r, ref_c, ref_r, beta)
     stats = {f"{prefix}rewards/chosen": rc.sum(), f"{prefix}rewards/rejected": rr.sum(),
              f"{prefix}rewards/margin": (rc - rr).sum(), f"{prefix}rewards/accuracy": (rc > rr).float().sum(),
@@ -78,7 +76,6 @@ def reference_logprobs(args, d, reference, train_ex, pad_id):
     """[n, 2]: π_ref's log-probs of the chosen and rejected response of the pairs the run trains on,
     each once (from step 0 even when resuming: the same batches, so a resumed run is exact); 0 elsewhere."""
     used = sorted({i for step in range(args.steps) for i in plumbing.batch_indices(step, args.batch_size, len(train_ex), args.seed)})
-    reference.eval()
     table = torch.zeros(len(train_ex), 2)
     table[used] = plumbing.scores_in_order(lambda chunk: torch.cat(pair_logprobs(reference, chunk, pad_id, d.device)),
                                            [train_ex[i] for i in used], d, batch_size=args.batch_size // (d.world * args.grad_accum))
@@ -86,9 +83,8 @@ def reference_logprobs(args, d, reference, train_ex, pad_id):
 
 
 def main(args, group_weights=None):
-    """DPO. `group_weights` (study/gr_dpo.py: GR-DPO) weighs each pair by its group: .load_kw for the
-    data, .start(train pairs, resumed state), .weights(micro, batch) -> a weight per pair,
-    .group_sums(micro, losses) -> each group's summed loss, .after_step and .state for the loop."""
+    """DPO. `group_weights` (study/gr_dpo.py: GR-DPO) weighs each pair by its group: .load_kw (data), .start(pairs,
+    state), .weights(micro, batch) (a weight per pair), .group_sums(micro, losses), .after_step and .state (the loop)."""
     plumbing.check_model_dir(args.sft, "--sft", "lm")
     d, ckpt = plumbing.start_training(args, parser, {"--sft": args.sft})
     train, heldout = data.train_and_heldout(data.load_pairs, args.data, args.split, args.eval_split, seed=args.seed,
@@ -108,26 +104,22 @@ def main(args, group_weights=None):
     if d.main:
         print(f"dpo: {args.sft} on {args.data}: {len(train_ex)} train / {len(heldout_ex)} held-out pairs, "
               f"beta {args.beta}, {d.world} process(es), steps {state['step']}..{args.steps}")
-    ref_table, pad = None, tokenizer.pad_token_id
-    if args.precompute_ref:  # π_ref is frozen: over several epochs a step would recompute the same numbers
-        t0 = time.perf_counter()
-        ref_table = reference_logprobs(args, d, reference, train_ex, pad)
-        if state["step"] == 0:  # (a resumed run logged it before its checkpoint)
-            log.log(0, {"perf/ref_precompute_s": time.perf_counter() - t0})
+    t0, pad = time.perf_counter(), tokenizer.pad_token_id
+    # π_ref is frozen: over several epochs a step would recompute the same numbers
+    ref_table = reference_logprobs(args, d, reference, train_ex, pad) if args.precompute_ref else None
+    if args.precompute_ref and state["step"] == 0:  # (a resumed run logged it before its checkpoint)
+        log.log(0, {"perf/ref_precompute_s": time.perf_counter() - t0})
     if group_weights:
         group_weights.start(train, state)
 
     def micro_loss(micro, batch):
-        if ref_table is not None:
-            ref_c, ref_r = ref_table[micro].to(d.device).unbind(-1)
-        else:
-            with torch.no_grad():
-                ref_c, ref_r = pair_logprobs(reference, [train_ex[i] for i in micro], pad, d.device)
-        pi_c, pi_r = pair_logprobs(policy, [train_ex[i] for i in micro], pad, d.device)
-        if group_weights is None:
-            return pair_stats(pi_c, pi_r, ref_c, ref_r, args.beta, "train/")[:2]
-        total, stats, losses = pair_stats(pi_c, pi_r, ref_c, ref_r, args.beta, "train/", group_weights.weights(micro, batch).to(d.device))
-        return total, {**stats, **group_weights.group_sums(micro, losses.detach())}
+        pairs = [train_ex[i] for i in micro]
+        with torch.no_grad():  # π_ref's log-probs: the table's, or computed now
+            ref_c, ref_r = ref_table[micro].to(d.device).unbind(-1) if ref_table is not None else pair_logprobs(reference, pairs, pad, d.device)
+        pi_c, pi_r = pair_logprobs(policy, pairs, pad, d.device)
+        weights = group_weights.weights(micro, batch).to(d.device) if group_weights else None
+        total, stats, losses = pair_stats(pi_c, pi_r, ref_c, ref_r, args.beta, "train/", weights)
+        return total, {**stats, **(group_weights.group_sums(micro, losses.detach()) if group_weights else {})}
 
     evaluate = lambda: heldout_metrics(policy, reference, heldout_ex, pad, args.beta, d)  # noqa: E731
     finished = plumbing.supervised_loop(args, d, policy, optimizer, tokenizer, train_ex, micro_loss, batch_weight=len, evaluate=evaluate,

@@ -33,7 +33,6 @@ import plumbing
 import reward
 import toy
 
-
 # fmt: off
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 parser.add_argument("--model", help="NAME=DIR of the model under evaluation (DIR alone: NAME is its folder name)")
@@ -190,10 +189,7 @@ def markdown_table(winrates, model, splits, fmt=win_tie_lose):
     lines = [f"| judge | {model} vs | " + ("group | " if by_group else "") + " | ".join(f"{s}: Win / Tie / Lose" for s in splits) + " |",
              "|---|---|" + "---|" * by_group + "---:|" * len(splits)]
     for key in keys:
-        cells = []
-        for s in splits:
-            w = cell.get((*key, s))
-            cells.append("" if w is None else fmt(w) + (f" (n {w['n']})" if by_group else ""))
+        cells = [fmt(w) + (f" (n {w['n']})" if by_group else "") if (w := cell.get((*key, s))) else "" for s in splits]
         lines.append("| " + " | ".join(key) + " | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -253,17 +249,15 @@ def main(args):
     bar = plumbing.progress(list(model_dirs.items()), plumbing.Dist(), desc="evaluate: generate")
     for name, path in bar:
         texts_by_split, perf[name] = respond(args, path, prompts, device)
-        for s, texts in texts_by_split.items():
-            responses[name, s] = texts
+        responses.update({(name, s): texts for s, texts in texts_by_split.items()})
 
-    scores, group_rows, summaries, rewards = {}, [], [], []
+    scores, group_rows, summaries, rewards, rm_margin = {}, [], [], [], 0.0
     if is_toy:
         for (name, s), texts in responses.items():
             scores["gold", name, s] = [toy.gold_score(p, t) for p, t in zip(prompts[s], texts)]
             rows, summary = group_report(name, s, groups[s], scores["gold", name, s])
             group_rows += rows
             summaries.append(summary)
-    rm_margin = 0.0
     if args.reward:
         tokenizer = plumbing.load_tokenizer(args.reward)
         rm = plumbing.shard(reward.load_reward_model(args.reward, tokenizer), plumbing.Dist(device=device), bf16=args.bf16)

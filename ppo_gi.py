@@ -249,8 +249,7 @@ def ppo_update(args, d, policy, critic, opt_policy, opt_critic, batch, log_stats
     beta_critic = args.beta_critic if not args.no_gi and getattr(group_probs, "reads_phi", True) else 0.0
     reduce = lambda x: plumbing.sum_over_ranks(x, d)  # noqa: E731  the group sums over ranks, this rank's share live
     n_min = args.min_group_frac * args.minibatch / args.n_groups  # groups.py: the least size of a group
-    n_local, P = batch["ids"].shape[0], batch["P"]
-    gen = torch.Generator().manual_seed(args.seed * 100003 + it)
+    n_local, P, gen = batch["ids"].shape[0], batch["P"], torch.Generator().manual_seed(args.seed * 100003 + it)
     for epoch in range(args.ppo_epochs):
         # epoch 0 keeps the rollout order, so global minibatch k holds the same samples under any number of
         # ranks; later epochs permute each rank's samples the same way on all ranks (PPO_DETAILS 14)
@@ -295,7 +294,7 @@ def ppo_update(args, d, policy, critic, opt_policy, opt_critic, batch, log_stats
                 loss = vf_loss - beta_critic * r_var_phi
                 return loss
 
-            if estimator.learns_values or beta_critic:  # (RLOO's critic is only φ's body)
+            if estimator.learns_values or beta_critic:
                 total = plumbing.backward_in_parts(critic_step_loss, len(idx), d, args.grad_accum)
                 plumbing.optimizer_step(total, critic, opt_critic, log_stats, "ppo_gi critic", backward=False)
             plumbing.log_update(log_stats, sums, n_tok, d, {k: v for k, v in keep.items() if k.startswith("groups/")})

@@ -1,8 +1,7 @@
 """reward.py: stage 2, the Bradley–Terry reward model r_ψ(x, y) (docs/METHOD.md, "The pipeline").
 
-The SFT backbone plus a linear head gives one scalar per token; a sequence's reward is the scalar at
-its last real token (the EOS closing the response), found from the attention mask, so it is right
-under left and right padding alike.
+The SFT backbone plus a linear head gives a scalar per token; a sequence's reward is the one at its
+last real token (the response's EOS), found from the attention mask, so any padding side works.
 
     python reward.py                               # on the built-in task, from runs/sft
     torchrun --nproc_per_node 8 reward.py --sft runs/sft-7b --data Anthropic/hh-rlhf --lr 5e-6 --max_len 512
@@ -41,9 +40,8 @@ def bradley_terry_loss(r_chosen, r_rejected):
 
 
 class RewardModel(torch.nn.Module):
-    """Backbone + linear head → one scalar per token. `hf` is a transformers *ForSequenceClassification
-    (num_labels=1), used for its backbone (`base_model`) and head (`score`), and for save_pretrained.
-    Its own forward is not used: it finds the last token from pad ids, this one from the mask."""
+    """Backbone + linear head → a scalar per token. `hf`: a transformers *ForSequenceClassification (num_labels=1),
+    for its backbone, head and save_pretrained; its own forward finds the last token from pad ids, this one from the mask."""
 
     def __init__(self, hf):
         super().__init__()
@@ -78,14 +76,11 @@ def load_scorer(spec, tokenizer, d, bf16):
     in [0, 1], centre 0.5). Else a reward model directory, frozen (bf16 on CUDA): the scalar at each
     sequence's last real token, centred by its mean score on its training pairs (reward_stats.json)."""
     if spec == "gold":
-        def scorer(prompts, texts, ids, mask):
-            return torch.tensor([toy.gold_score(p, t) for p, t in zip(prompts, texts)], device=ids.device)
+        scorer = lambda prompts, texts, ids, mask: torch.tensor([toy.gold_score(p, t) for p, t in zip(prompts, texts)], device=ids.device)  # noqa: E731
         scorer.center = 0.5
         return scorer
     rm = plumbing.shard(load_reward_model(spec, tokenizer, dtype=plumbing.frozen_dtype(d)).eval(), d, bf16=bf16).requires_grad_(False)
-
-    def scorer(prompts, texts, ids, mask):
-        return sequence_rewards(rm, ids, mask)
+    scorer = lambda prompts, texts, ids, mask: sequence_rewards(rm, ids, mask)  # noqa: E731
     with open(os.path.join(spec, "reward_stats.json")) as f:
         scorer.center = json.load(f)["mean"]
     return scorer
@@ -109,7 +104,6 @@ def score(model, tokenizer, prompts, responses, batch_size=64, max_len=512):
         ids, mask = plumbing.pad_batch(seqs, tokenizer.pad_token_id)
         out.append(sequence_rewards(model, ids.to(device), mask.to(device)).cpu())
     return torch.cat(out)
-
 
 
 def distribution(scores):

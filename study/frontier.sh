@@ -37,22 +37,20 @@ mapfile -t DPO < <(stage_args "$PIPELINE/dpo")
 mapfile -t RM < <(stage_args "$PIPELINE/reward")
 SEED=$(flag_of "$PIPELINE/reward" seed)
 
-in_lanes() {  # in_lanes FUNCTION LINES...: FUNCTION on each line of arguments, --jobs of them side by side
-  local f="$1" lane pids=() failed=0; shift
-  for ((lane = 1; lane <= JOBS; lane++)); do
-    ( for ((i = lane; i <= $#; i += JOBS)); do eval "$f ${!i}"; done ) &  # every JOBS-th line, from this lane's first
-    pids+=($!)
+pool() {  # pool COMMAND...: each command in a subshell, --jobs at a time (the next starts as one ends)
+  local line running=0 failed=0
+  for line in "$@"; do
+    if [ "$running" -ge "$JOBS" ]; then wait -n || failed=1; running=$((running - 1)); fi
+    ( eval "$line" ) &
+    running=$((running + 1))
   done
-  for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+  while [ "$running" -gt 0 ]; do wait -n || failed=1; running=$((running - 1)); done
   if [ "$failed" = 1 ]; then echo "frontier.sh: a stage failed (above)" >&2; exit 1; fi
 }
 
 member() { stage "ensemble member $1" "$OUT/rm_seed$1/config.json" "$PY" "${RM[@]}" --seed "$1" --out "$OUT/rm_seed$1"; }
-LINES=()
-for ((m = 1; m <= MEMBERS; m++)); do LINES+=("$((SEED + 100 * m))"); done
-if [ "${#LINES[@]}" -gt 0 ]; then in_lanes member "${LINES[@]}"; fi
-ENSEMBLE=()
-for line in "${LINES[@]}"; do ENSEMBLE+=("$OUT/rm_seed$line"); done
+MEMBER_SEEDS=() ENSEMBLE=()
+for ((m = 1; m <= MEMBERS; m++)); do MEMBER_SEEDS+=("$((SEED + 100 * m))") ENSEMBLE+=("$OUT/rm_seed$((SEED + 100 * m))"); done
 
 run_dir() {  # run_dir METHOD COEF: the folder of that run (a reused one where the flags are the same)
   case "$1@$2" in
@@ -88,11 +86,15 @@ measure() {  # measure METHOD COEF: the run's KL and gold into OUT/measured/METH
     --sft "$PIPELINE/sft" --seed "$SEED" --out "$OUT/measured/$1@$2/measured.json"
 }
 
-RUNS=()
-for method in $METHODS; do
+one_run() { train "$@"; measure "$@"; }  # one_run METHOD COEF
+FIRST=() ENSEMBLED=()  # the ensemble's runs start once its members are trained; DPO's, the longest, first
+for method in $(printf '%s\n' $METHODS | grep -E '^(gr_)?dpo$'; printf '%s\n' $METHODS | grep -vE '^(gr_)?dpo$'); do
   case "$method" in dpo|gr_dpo) coefs=$DPO_BETAS ;; *) coefs=$ETAS ;; esac
-  for coef in $coefs; do RUNS+=("$method $coef"); done
+  for coef in $coefs; do
+    case "$method" in uwo|wco) ENSEMBLED+=("one_run $method $coef") ;; *) FIRST+=("one_run $method $coef") ;; esac
+  done
 done
-in_lanes train "${RUNS[@]}"
-in_lanes measure "${RUNS[@]}"
+case " $METHODS " in *" uwo "*|*" wco "*) for s in "${MEMBER_SEEDS[@]}"; do FIRST=("member $s" "${FIRST[@]}"); done ;; esac
+pool "${FIRST[@]}"
+if [ "${#ENSEMBLED[@]}" -gt 0 ]; then pool "${ENSEMBLED[@]}"; fi
 echo "== frontier: $OUT/measured; over seeds: python study/frontier.py report runs/pipeline-s*/frontier/measured/*/measured.json --out runs/frontier"
