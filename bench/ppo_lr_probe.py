@@ -6,7 +6,8 @@ updates of 64 rollouts, and an lr at which 60 updates leave KL ≈ 0.01 compares
 Each lr is one `python ppo_gi.py` run of UPDATES + 1 iterations from the same SFT model and reward
 model (iteration k's rollout is sampled after k updates; its objective/kl is the KL logged), with the
 preset's shapes by default: 64 prompts of the rl split, one minibatch of 64, 128 new tokens at
-max_len 512, η 0.1, β_policy 0.1, critic lr 5e-6. The fit: log KL = a + b·log k over k = 1..UPDATES
+max_len 512, η 0.1, β_policy 0.1, critic lr 5e-6; --grad_accum 16 splits each update into micro-batches
+to fit a CPU's memory (the same update: micro-batching is exact). The fit: log KL = a + b·log k over k = 1..UPDATES
 (k1 KL below 1e-6 is floored there), then KL(N) = e^a·N^b.
 
     python bench/ppo_lr_probe.py --sft runs/pipeline-s1-hh-cpu/sft --reward runs/pipeline-s1-hh-cpu/reward \\
@@ -31,7 +32,7 @@ parser.add_argument("--updates", type=int, default=2, help="updates measured per
 parser.add_argument("--full", type=int, default=60, help="the run length to predict the KL of (updates)")
 parser.add_argument("--out", required=True, help="a new folder: one ppo_gi.py run per lr inside it")
 parser.add_argument("--flags", default="--rollout_batch 64 --batch_size 64 --max_new_tokens 128 --max_len 512 --kl_coef 0.1 "
-                    "--beta_policy 0.1 --critic_lr 5e-6 --group_by harm --forward_batch 16",
+                    "--beta_policy 0.1 --critic_lr 5e-6 --group_by harm --forward_batch 16 --grad_accum 16",
                     help="ppo_gi.py's other flags (default: pipeline.sh's GPU preset)")
 
 
