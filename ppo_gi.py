@@ -289,7 +289,7 @@ def ppo_update(args, d, policy, critic, opt_policy, opt_critic, batch, log_stats
                                                  p_phi, rows, p_rest, n_tok=n_tok, cliprange_value=args.cliprange_value, n_min=n_min, reduce=reduce)
                 sums.update(plumbing.critic_stats(vf_loss, n_tok, v, r["values"], r["r_mask"], args.cliprange_value))
                 keep["groups/r_var_phi"] = r_var_phi.detach()
-                vf_loss = vf_loss if estimator.learns_values else vf_loss.detach() * 0.0  # RLOO's critic: only φ's body
+                vf_loss = vf_loss if estimator.learns_values else torch.zeros_like(vf_loss)  # RLOO's critic: only φ's body
                 # Stage 1, φ: ascend R_var(θ, φ) / Var(G) with θ's terms fixed, as the critic's loss to descend
                 loss = vf_loss - beta_critic * r_var_phi
                 return loss
@@ -318,9 +318,8 @@ def main(args, group_probs=groups.p_phi, kl_weight=adaptive_kl_weight, estimator
               (not args.no_gi and args.n_groups < 2, f"--n_groups {args.n_groups}: GI-PPO needs at least 2 groups (--no_gi is PPO)"),
               (args.rollout_batch % (estimator.samples_per_prompt * d.world), f"--rollout_batch {args.rollout_batch}: not "
                f"{estimator.samples_per_prompt} samples of each prompt on each of {d.world} ranks")]
-    for failed, message in checks:
-        if failed:
-            parser.error(message)
+    if any(failed for failed, _ in checks):
+        parser.error(next(message for failed, message in checks if failed))
     bf16 = bool(args.bf16) if args.bf16 is not None else d.device.type == "cuda"
     plumbing.seed_everything(args.seed)
     records = data.load_prompts(args.data, args.split, group_by=args.group_by)
@@ -338,7 +337,7 @@ def main(args, group_probs=groups.p_phi, kl_weight=adaptive_kl_weight, estimator
     critic = groups.load_critic(os.path.join(ckpt, "critic") if ckpt else (args.sft if args.reward == "gold" else args.reward),
                                 tokenizer, args.n_groups, seed=args.seed)
     # φ takes no step without the group term or when p(g|·) does not read it: its head is frozen (no optimizer state)
-    critic.group_head.requires_grad_(not args.no_gi and getattr(group_probs, "reads_phi", True))
+    critic.group_head.requires_grad_(phi_steps := not args.no_gi and getattr(group_probs, "reads_phi", True))
     for model in (policy, reference, critic):  # dropout off everywhere (PPO_DETAILS 1): eval mode, gradients still flow
         plumbing.shard(model.eval(), d, bf16=bf16, checkpointing=args.gradient_checkpointing and model is not reference)
     reference.requires_grad_(False)
@@ -357,8 +356,9 @@ def main(args, group_probs=groups.p_phi, kl_weight=adaptive_kl_weight, estimator
         print(f"ppo_gi: {variant} from {args.sft} with reward {args.reward} on {args.data}/{args.split} "
               f"({len(prompts)} prompts), {d.world} process(es), iterations {first}..{args.steps}")
 
-    # updates this process will try: policy and critic, per minibatch and epoch, per iteration
-    planned, skipped = 2 * args.ppo_epochs * (args.rollout_batch // args.minibatch) * (min(args.stop_at or args.steps, args.steps) - first), 0
+    # updates this process will try: per minibatch, epoch and iteration the policy's, and the critic's unless it takes none (RLOO w/o φ)
+    planned = (1 + bool(estimator.learns_values or phi_steps and args.beta_critic)) * args.ppo_epochs * (args.rollout_batch // args.minibatch)
+    planned, skipped = planned * (min(args.stop_at or args.steps, args.steps) - first), 0
     bar = plumbing.progress(range(first, args.steps), d, initial=first, total=args.steps, desc="ppo")
     for it in bar:
         k = estimator.samples_per_prompt  # each prompt's samples, side by side

@@ -35,7 +35,7 @@ from study import reports  # noqa: E402
 
 METHODS = {"ppo_kl": "PPO w/ KL", "gi_ppo": "GI-PPO", "rank_kl": "PPO, rank KL", "rloo": "RLOO", "uwo": "UWO", "wco": "WCO",
            "par": "PAR", "dpo": "DPO", "gr_dpo": "GR-DPO"}  # the baseline first
-FOLDER = re.compile(r"(\w+)@([\d.e-]+)")
+FOLDER = re.compile(r"(\w+)@([\d.eE+-]+)")
 
 
 @torch.no_grad()
@@ -78,14 +78,18 @@ def load(paths):
         m, seed = FOLDER.fullmatch(os.path.basename(os.path.dirname(os.path.abspath(path)))), re.search(r"pipeline-s(\d+)", path)
         if not m:
             raise SystemExit(f"frontier.py: {path}: not a measured file (METHOD@COEF/measured.json)")
+        key = m.group(1), float(m.group(2)), int(seed.group(1)) if seed else 0
+        if key in out:
+            raise SystemExit(f"frontier.py: {path}: a second measurement of {key[0]} at {key[1]:g} on seed {key[2]} (its folders "
+                             "name the seed: runs/pipeline-sS/…)")
         with open(path) as f:
-            out[m.group(1), float(m.group(2)), int(seed.group(1)) if seed else 0] = json.load(f)
+            out[key] = json.load(f)
     return out
 
 
 def sweep(measured, method, seed):
     """One method's runs on one seed, ordered by KL: [(kl, measured)]."""
-    return sorted((max(v["kl"], 1e-3), v) for (m, _, s), v in measured.items() if m == method and s == seed)
+    return sorted(((max(v["kl"], 1e-3), v) for (m, _, s), v in measured.items() if m == method and s == seed), key=lambda p: p[0])
 
 
 def at_kl(points, level, split="test"):

@@ -59,7 +59,8 @@ run_dir() {  # run_dir METHOD COEF: the folder of that run (a reused one where t
     "dpo@$(flag_of "$PIPELINE/dpo" beta)") echo "$PIPELINE/dpo" ;;
     "dpo@0.1") [ -z "$(flag_of "$PIPELINE/dpo" beta)" ] && echo "$PIPELINE/dpo" || echo "$OUT/dpo_$2" ;;  # dpo.py's default β
     "rank_kl@$(flag_of "$PIPELINE/ppo_kl" kl_coef)") [ -f "$PIPELINE/study/ppo_rank_kl/config.json" ] && echo "$PIPELINE/study/ppo_rank_kl" || echo "$OUT/$1_$2" ;;
-    "gr_dpo@0.1") [ -f "$PIPELINE/study/gr_dpo/config.json" ] && echo "$PIPELINE/study/gr_dpo" || echo "$OUT/$1_$2" ;;
+    "gr_dpo@0.1") [ -f "$PIPELINE/study/gr_dpo/config.json" ] && [ -z "$(flag_of "$PIPELINE/study/gr_dpo" beta)" ] \
+                    && echo "$PIPELINE/study/gr_dpo" || echo "$OUT/$1_$2" ;;  # the study's GR-DPO at dpo.py's default β
     *) echo "$OUT/$1_$2" ;;
   esac
 }

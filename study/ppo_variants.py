@@ -79,6 +79,15 @@ def known_group_probs(names):
     return group_probs
 
 
+def no_critic(n_groups):
+    """RLOO without the group term reads neither values nor p(g|·): the critic network is not run (values 0,
+    p uniform over the M groups, which only the group logs read)."""
+    def group_probs(critic, ids, mask, P, groups_of):
+        return torch.zeros(ids.shape, device=ids.device), torch.full((ids.shape[0], n_groups), 1.0 / n_groups, device=ids.device)
+    group_probs.reads_phi = False  # φ takes no step
+    return group_probs
+
+
 class RLOO:
     """The RLOO estimator: k samples of each prompt side by side; no value head (the critic, if any, is φ's body)."""
     learns_values = False
@@ -121,14 +130,15 @@ def par_scorer(args):
     """load_scorer for PAR: σ(r(x, y) − r(x, y_ref)), y_ref the SFT policy's greedy response to x (each
     prompt's once, kept), r the reward model --reward."""
     def load(spec, tokenizer, d, bf16):
-        rm = reward.load_reward_model(spec, tokenizer).to(d.device).eval().requires_grad_(False)
-        sft = plumbing.load_model(args.sft, tokenizer).to(d.device).eval()
+        # each rank its own copy (not sharded): the ranks' y_ref generations differ in number
+        rm = reward.load_reward_model(spec, tokenizer, dtype=plumbing.frozen_dtype(d)).to(d.device).eval().requires_grad_(False)
+        sft = plumbing.load_model(args.sft, tokenizer, dtype=plumbing.frozen_dtype(d)).to(d.device).eval()
         refs = {}
 
         def scorer(prompts, texts, ids, mask):
             new = list(dict.fromkeys(p for p in prompts if p not in refs))
             if new:
-                refs.update(zip(new, plumbing.generate(sft, tokenizer, new, max_new_tokens=args.max_new_tokens,
+                refs.update(zip(new, plumbing.generate(sft, tokenizer, new, max_new_tokens=args.max_new_tokens, impl=args.generate_impl,
                                                        max_prompt_len=args.max_len - args.max_new_tokens)[3]))
             r_ref = reward.score(rm, tokenizer, prompts, [refs[p] for p in prompts], max_len=args.max_len).to(ids.device)
             # r_PAR = σ(r_ψ(x, y) − r_ψ(x, y_ref))
@@ -157,6 +167,8 @@ def main(args):
         plumbing.check_reward_dir(m, "--members")
     load_scorer = ensemble_scorer(args.members, args.ensemble, args.uwo_lambda) if args.ensemble != "none" else \
         par_scorer(args) if args.par else reward.load_scorer
+    if args.estimator == "rloo" and args.no_gi:
+        group_probs = no_critic(args.n_groups)
     ppo_gi.main(args, group_probs=group_probs, kl_weight=rank_kl_weight if args.kl_weight == "rank" else ppo_gi.adaptive_kl_weight,
                 estimator=RLOO(args.rloo_k) if args.estimator == "rloo" else ppo_gi.GAE, load_scorer=load_scorer)
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import groups
 import plumbing
 import ppo_gi
 import reward
@@ -58,8 +59,8 @@ def test_par_reward_on_a_hand_case(monkeypatch):
     """σ(r(x, y) − r(x, y_ref)): a response the reward model scores 2.0 against a reference it scores 0.5
     gets σ(1.5); an equal one σ(0) = 0.5, the centre; the reference is the SFT policy's greedy response."""
     calls = []
-    monkeypatch.setattr(reward, "load_reward_model", lambda spec, tok: torch.nn.Linear(1, 1))
-    monkeypatch.setattr(plumbing, "load_model", lambda spec, tok: torch.nn.Linear(1, 1))
+    monkeypatch.setattr(reward, "load_reward_model", lambda spec, tok, **kw: torch.nn.Linear(1, 1))
+    monkeypatch.setattr(plumbing, "load_model", lambda spec, tok, **kw: torch.nn.Linear(1, 1))
     monkeypatch.setattr(plumbing, "generate", lambda model, tok, prompts, **kw: calls.append(prompts) or (None, None, None, [f"ref of {p}" for p in prompts]))
     monkeypatch.setattr(reward, "score", lambda rm, tok, prompts, responses, max_len: torch.tensor([0.5 if "a" in r else -1.0 for r in responses]))
     monkeypatch.setattr(reward, "sequence_rewards", lambda rm, ids, mask: torch.tensor([2.0, -1.0, 0.5])[:len(ids)])
@@ -74,7 +75,10 @@ def test_par_reward_on_a_hand_case(monkeypatch):
 
 @pytest.mark.parametrize("variant", [["--estimator", "rloo", "--no_gi"], ["--estimator", "rloo", "--beta_policy", "1"],
                                      ["--par", "--no_gi"]], ids=["rloo", "gi_rloo", "par"])
-def test_each_baseline_trains_through_the_seams(toy_sft_dir, tmp_path, variant):
+def test_each_baseline_trains_through_the_seams(toy_sft_dir, tmp_path, variant, monkeypatch):
+    calls = []
+    forward = groups.Critic.forward
+    monkeypatch.setattr(groups.Critic, "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
     rm = str(tmp_path / "rm")
     tok = plumbing.load_tokenizer(toy_sft_dir)
     plumbing.save_model(reward.load_reward_model(toy_sft_dir, tok), tok, rm, plumbing.Dist(), extra={"reward_stats.json": {"mean": 0.0, "std": 1.0}})
@@ -85,6 +89,7 @@ def test_each_baseline_trains_through_the_seams(toy_sft_dir, tmp_path, variant):
     if "rloo" in variant:  # no value head learns; with the group term, φ (the critic's head) still steps
         assert ("val/loss" in log[0]) == ("--beta_policy" in variant)
         assert json.loads((out / "ppo_args.json").read_text())["estimator"] == "rloo"
+        assert bool(calls) == ("--beta_policy" in variant)  # without the group term the critic network is never run
     else:  # PAR's reward lies in (0, 1)
         assert all(0 < r["objective/scores"] < 1 for r in log)
 

@@ -31,6 +31,19 @@ def test_interpolation_in_log_kl_along_a_sweep_by_hand():
     assert frontier.at_kl([(0.5, a), (2.0, b)], 3.0) is None  # no extrapolation
 
 
+def test_a_sweep_with_tied_kls_sorts_and_a_measurement_twice_is_refused(tmp_path):
+    measured = {("ppo_kl", c, 1): _measured(kl, {g: 0.5 for g in toy.GROUPS}) for c, kl in ((1.0, -0.02), (0.5, 0.0005), (0.1, 2.0))}
+    assert [kl for kl, _ in frontier.sweep(measured, "ppo_kl", 1)] == [1e-3, 1e-3, 2.0]  # both below the floor: no dict comparison
+    paths = []
+    for folder in ("rloo@1", "rloo@1.0"):
+        path = tmp_path / "pipeline-s1" / folder / "measured.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(measured["ppo_kl", 1.0, 1]))
+        paths.append(str(path))
+    with pytest.raises(SystemExit, match="a second measurement of rloo at 1 on seed 1"):
+        frontier.load(paths)
+
+
 def test_the_verdict_finds_the_method_above_ppo_at_matched_kl(tmp_path):
     """Three seeds; a method whose gold is 0.1 above PPO w/ KL's everywhere, and whose worst group
     (summary) is 0.2 above, at every KL: Win − Lose +100 [+100, +100], Δ worst +0.2; one whose
