@@ -66,7 +66,7 @@ flag hh_rollout "" "rollouts per PPO iteration, one minibatch: cpu 8, gpu 64"
 flag hh_eval_prompts "" "test prompts evaluated: cpu 32, gpu 400"
 flag hh_stats_pairs "" "pairs scored for reward_stats.json: cpu 64, gpu 1024"
 flag hh_ppo_lr "" "PPO learning rate: cpu 1e-5, gpu 1e-6 (RESULTS.md, bench/ppo_lr_probe.py)"
-flag hh_heldout_pairs 200 "test pairs each RM's held-out accuracy is measured on"
+flag hh_heldout_pairs 240 "test pairs each RM's held-out accuracy is measured on, less those the --max_len cut makes identical (cpu: 217 remain)"
 flag hh_sft_lr 1e-5 "SFT learning rate"
 flag hh_rm_lr 1e-5 "RM learning rate"
 flag hh_dpo_lr 5e-7 "DPO learning rate"
@@ -88,7 +88,7 @@ fi
 START=$(date +%s)
 
 toy_pipeline() {
-  OUT="${OUT:-runs/pipeline-s$SEED}"
+  OUT="${OUT:-runs/pipeline-s$SEED}" && STAGE_ROOT="$OUT"  # stage records name this folder {pipeline}
   # each trainer writes config.json last (a temporary name, then a rename), so it marks a finished stage
   stage sft "$OUT/sft/config.json" "$PY" sft.py --steps "$SFT_STEPS" --seed "$SEED" --out "$OUT/sft" --save_every 0 --gold_prompts 0
   stage reward "$OUT/reward/config.json" "$PY" reward.py --sft "$OUT/sft" --steps "$RM_STEPS" --eval_every "$RM_STEPS" --seed "$SEED" \
@@ -124,7 +124,7 @@ hh_pipeline() {
     HH_SFT_STEPS=2 HH_RM_STEPS=2 HH_JUDGE_STEPS=2 HH_DPO_STEPS=2 HH_BATCH=2 HH_PPO_STEPS=1 HH_ROLLOUT=2 HH_EVAL_PROMPTS=2
     HH_STATS_PAIRS=4 HH_MAX_LEN=96 HH_NEW_TOKENS=8 HH_HELDOUT_PAIRS=4
   fi
-  OUT="${OUT:-runs/pipeline-s$SEED-hh-$PRESET$([ "$TINY" = 1 ] && echo -tiny || true)}"
+  OUT="${OUT:-runs/pipeline-s$SEED-hh-$PRESET$([ "$TINY" = 1 ] && echo -tiny || true)}" && STAGE_ROOT="$OUT"
   HH="${HH_DATA:-$([ -d ../shared/data/hh-rlhf ] && echo ../shared/data/hh-rlhf || echo Anthropic/hh-rlhf)}"
   PKU=../shared/data/ood/pku-saferlhf/alpaca-7b-test.head10.jsonl
   OOD="${OOD_DATA:-$([ -f "$PKU" ] && echo "$PKU" || true)}"

@@ -5,6 +5,7 @@
 #   switch NAME "help"           --NAME sets it to 1 (else 0)
 #   parse_flags "$@"             after the declarations; -h/--help prints the file's header and the flags
 #   stage NAME DONE_FILE CMD...  runs CMD unless DONE_FILE exists from the same arguments (RAN says which)
+#   STAGE_ROOT=DIR               the pipeline's folder: recorded as {pipeline}, so a moved or copied folder still matches
 declare -A FLAG_KIND FLAG_DEFAULT FLAG_HELP
 FLAG_ORDER=()
 flag() { FLAG_KIND[$1]=value FLAG_DEFAULT[$1]=$2 FLAG_HELP[$1]=$3; FLAG_ORDER+=("$1"); }
@@ -43,7 +44,7 @@ RAN=0
 stage() {  # stage NAME DONE_FILE COMMAND...: skipped when DONE_FILE exists from the same arguments (unless --force)
   local name="$1" done_file="$2"; shift 2
   local dir record args
-  dir=$(dirname "$done_file") record="$(dirname "$done_file")/pipeline_args.txt" args=$(printf '%s\n' "${@:2}")  # the interpreter aside
+  dir=$(dirname "$done_file") record="$(dirname "$done_file")/pipeline_args.txt" args=$(root_to_placeholder "${@:2}")  # the interpreter aside
   if [ "${FORCE:-0}" = 0 ] && [ -e "$done_file" ]; then
     if [ -f "$record" ] && [ "$(cat "$record")" = "$args" ]; then
       echo "== $name: $done_file exists, made by this command: skipped (--force reruns it)"
@@ -69,9 +70,19 @@ stage() {  # stage NAME DONE_FILE COMMAND...: skipped when DONE_FILE exists from
   RAN=1
 }
 
-stage_args() {  # stage_args DIR: the arguments (the script, then its flags) a finished stage in DIR was run with, a line each
+root_to_placeholder() {  # an argument a line, the pipeline's folder ($STAGE_ROOT) written {pipeline}
+  local a root="${STAGE_ROOT:-}"
+  for a in "$@"; do
+    if [ -n "$root" ]; then [ "$a" = "$root" ] && a="{pipeline}"; a=${a//"$root/"/"{pipeline}/"}; fi
+    printf '%s\n' "$a"
+  done
+}
+
+stage_args() {  # stage_args DIR [ROOT]: the arguments (the script, then its flags) a finished stage in DIR was run with, a
+  # line each, {pipeline} read as ROOT (default: DIR's parent, the pipeline's folder for a pipeline stage)
   if [ ! -f "$1/pipeline_args.txt" ]; then echo "$(basename "$0"): $1 holds no stage made by pipeline.sh (no pipeline_args.txt)" >&2; exit 1; fi
-  cat "$1/pipeline_args.txt"
+  local line root="${2:-$(dirname "$1")}"
+  while IFS= read -r line; do printf '%s\n' "${line//"{pipeline}"/"$root"}"; done < "$1/pipeline_args.txt"
 }
 
 flag_of() {  # flag_of DIR NAME: the value of --NAME in the stage's arguments (the last one given)

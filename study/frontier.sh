@@ -29,7 +29,7 @@ flag python python "the Python interpreter"
 switch force "rerun stages whose outputs exist"
 parse_flags "$@"
 export OMP_NUM_THREADS=1
-PY="$PYTHON" OUT="$PIPELINE/frontier"
+PY="$PYTHON" OUT="$PIPELINE/frontier" STAGE_ROOT="$PIPELINE"
 for name in sft reward gi_ppo ppo_kl dpo; do stage_args "$PIPELINE/$name" > /dev/null; done  # each a finished pipeline stage
 mapfile -t GI < <(stage_args "$PIPELINE/gi_ppo")
 mapfile -t KL < <(stage_args "$PIPELINE/ppo_kl")

@@ -23,7 +23,7 @@ flag kl_match_tries 4 "PPO w/ KL runs at most in the search for the KL-matched Î
 flag python python "the Python interpreter"
 switch force "rerun stages whose outputs exist"
 parse_flags "$@"
-PY="$PYTHON" OUT="$PIPELINE/study"
+PY="$PYTHON" OUT="$PIPELINE/study" STAGE_ROOT="$PIPELINE"
 for name in gi_ppo ppo_kl dpo eval; do stage_args "$PIPELINE/$name" > /dev/null; done  # each a finished pipeline stage
 mapfile -t GI < <(stage_args "$PIPELINE/gi_ppo")  # the script and its flags, a line each
 mapfile -t KL < <(stage_args "$PIPELINE/ppo_kl")

@@ -17,7 +17,7 @@ switch no_reference "skip the lr 0 reference run"
 flag python python "the Python interpreter"
 switch force "rerun stages whose outputs exist"
 parse_flags "$@"
-PY="$PYTHON" OUT="$PIPELINE/sweep"
+PY="$PYTHON" OUT="$PIPELINE/sweep" STAGE_ROOT="$PIPELINE"
 for name in gi_ppo ppo_kl; do stage_args "$PIPELINE/$name" > /dev/null; done  # each a finished pipeline stage
 mapfile -t GI < <(stage_args "$PIPELINE/gi_ppo")
 mapfile -t KL < <(stage_args "$PIPELINE/ppo_kl")

@@ -24,8 +24,9 @@ def test_the_study_driver_on_a_tiny_budget(tiny_pipeline, tmp_path):
     known = json.loads(open(os.path.join(out, "study", "gi_known_beta1", "ppo_args.json")).read())
     gi = json.loads(open(os.path.join(out, "gi_ppo", "ppo_args.json")).read())
     assert known["groups"] == "known" and known["n_groups"] == 4 and known["beta_policy"] == 1
-    assert {k: v for k, v in known.items() if k not in ("groups", "group_input", "kl_weight", "n_groups", "beta_policy", "out")} == \
-        {k: v for k, v in gi.items() if k not in ("n_groups", "beta_policy", "out")}
+    assert set(known) - set(gi) == {"groups", "group_input", "kl_weight", "estimator", "rloo_k", "ensemble", "members", "uwo_lambda", "par"}
+    assert (known["estimator"], known["ensemble"], known["par"]) == ("gae", "none", False)  # study/ppo_variants.py's own flags
+    assert {k: known[k] for k in gi if k not in ("n_groups", "beta_policy", "out")} == {k: gi[k] for k in gi if k not in ("n_groups", "beta_policy", "out")}
     table = reports.study_table([results, results], str(tmp_path / "agg"))
     assert len(table.splitlines()) == 4 + 9 and (tmp_path / "agg" / "study.png").exists()
     assert "| PPO w/ KL (KL-matched) | " in table and "+0.0 [+0.0, +0.0]" in table.splitlines()[4]  # itself: all ties
