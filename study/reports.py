@@ -227,7 +227,7 @@ def run_table(dirs, last=10):
     judge = " / ".join(dict.fromkeys(judges)) or "gold"
     return "\n".join([f"| run | β_policy | η | RL {judge}, first {last} | RL {judge}, last {last} | worst group ({judge}) | proxy RM score "
                       "| KL | max KL | KL by true group | smaller group | greedy test gold |",
-                      "|---|---:|---:|---:|---:|---|---:|---:|---:|---|---:|---:|", *rows_out]) + "\n"
+                      "|---|---:|---:|---:|---:|---|---:|---:|---:|---|---:|---:|", *rows_out])
 
 
 def check_ppo_run(path, report):

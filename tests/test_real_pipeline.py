@@ -1,5 +1,8 @@
-"""./pipeline.sh --data hh --preset gpu --tiny on CPU: every stage of the real-data pipeline on HH-RLHF
-with SmolLM2-135M, a step or two each (a smoke test of the plumbing, not of what the method does)."""
+"""./pipeline.sh --data hh --preset gpu --tiny on CPU: every stage of the real-data pipeline on HH-RLHF,
+a step or two each (a smoke test of the plumbing, not of what the method does), from a model of
+SmolLM2's architecture and tokenizer at a few layers of width 64 (--model DIR), so the test takes a
+minute, not five: the 135M model's own --tiny run (README, "Real data") and the CPU preset's
+(RESULTS.md) are the same command with the default --model."""
 import json
 import re
 
@@ -12,8 +15,19 @@ from conftest import needs_shared, needs_smollm2, read_metrics, run_pipeline
 @needs_shared
 @needs_smollm2
 def test_pipeline_on_hh_rlhf_with_a_tiny_budget(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    import plumbing
+    folder, name = plumbing.gguf_location("smollm2")
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)  # SmolLM2-135M's: Llama, tied embeddings
+    config.update({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                   "num_key_value_heads": 2, "head_dim": 16})
+    tok = plumbing.load_tokenizer("smollm2")
+    config.vocab_size = len(tok)
+    model_dir = tmp_path / "small-smollm2"
+    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
     out = tmp_path / "hh"
-    proc = run_pipeline("pipeline.sh", "--data", "hh", "--preset", "gpu", "--tiny", "--no_install", "--out", str(out))
+    proc = run_pipeline("pipeline.sh", "--data", "hh", "--preset", "gpu", "--tiny", "--model", str(model_dir), "--no_install", "--out", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((out / "eval" / "results.json").read_text())
     assert {(w["judge"], w["split"]) for w in results["winrates"]} == {("rm", "test"), ("rm", "ood")}

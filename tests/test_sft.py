@@ -132,7 +132,7 @@ def test_bad_batch_flags_are_named(capsys):
 @needs_smollm2
 def test_smollm2_renders_hh_prompts_through_its_chat_template():
     """SmolLM2's tokenizer: pad ≠ EOS, an HH prompt in its chat format, the response closed by EOS
-    (its training is tests/test_real_pipeline.py's)."""
+    (its training: the CPU preset, RESULTS.md; tests/test_real_pipeline.py runs its architecture, smaller)."""
     tok = plumbing.load_tokenizer("smollm2")
     assert tok.pad_token_id != tok.eos_token_id
     pair = data.load_pairs(shared("data", "hh-rlhf", "helpful-base", "test.jsonl.gz"), "all[:1]")[0]

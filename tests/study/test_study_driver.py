@@ -26,7 +26,9 @@ def test_the_study_driver_on_a_tiny_budget(tiny_pipeline, tmp_path):
     assert known["groups"] == "known" and known["n_groups"] == 4 and known["beta_policy"] == 1
     assert set(known) - set(gi) == {"groups", "group_input", "kl_weight", "estimator", "rloo_k", "ensemble", "members", "uwo_lambda", "par"}
     assert (known["estimator"], known["ensemble"], known["par"]) == ("gae", "none", False)  # study/ppo_variants.py's own flags
-    assert {k: known[k] for k in gi if k not in ("n_groups", "beta_policy", "out")} == {k: gi[k] for k in gi if k not in ("n_groups", "beta_policy", "out")}
+    assert (known["sft"], known["reward"]) == (os.path.join(out, "sft"), os.path.join(out, "reward"))  # the copy's, not the original's
+    same = [k for k in gi if k not in ("n_groups", "beta_policy", "out", "sft", "reward")]
+    assert {k: known[k] for k in same} == {k: gi[k] for k in same}
     table = reports.study_table([results, results], str(tmp_path / "agg"))
     assert len(table.splitlines()) == 4 + 9 and (tmp_path / "agg" / "study.png").exists()
     assert "| PPO w/ KL (KL-matched) | " in table and "+0.0 [+0.0, +0.0]" in table.splitlines()[4]  # itself: all ties
