@@ -27,6 +27,7 @@ def test_pipeline_sh_runs_its_stages_with_or_without_out_and_shared(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("tiny_pipeline")  # one worker builds the pipeline and runs these (none waits)
 def test_pipeline_end_to_end_with_a_tiny_budget(tiny_pipeline, tmp_path):
     out, stdout = tiny_pipeline
     results = json.loads(open(os.path.join(out, "eval", "results.json")).read())

@@ -67,6 +67,7 @@ def test_the_verdict_finds_the_method_above_ppo_at_matched_kl(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("tiny_pipeline")  # one worker builds the pipeline and runs these (none waits)
 def test_the_frontier_driver_on_a_tiny_budget(tiny_pipeline, tmp_path):
     out = str(tmp_path / "p")
     shutil.copytree(tiny_pipeline[0], out)

@@ -11,6 +11,7 @@ from study import reports
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("tiny_pipeline")  # one worker builds the pipeline and runs these (none waits)
 def test_the_study_driver_on_a_tiny_budget(tiny_pipeline, tmp_path):
     import shutil
     out = str(tmp_path / "p")
