@@ -54,9 +54,14 @@ def main(args):
                         "--lr", str(lr), "--steps", str(args.updates + 1), "--save_every", "0", "--eval_prompts", "0", "--out", out,
                         *args.flags.split()], cwd=ROOT, check=True)
         with open(os.path.join(out, "metrics.jsonl")) as f:
-            kl = [r["objective/kl"] for r in map(json.loads, f) if "objective/kl" in r]
+            rows = [r for r in map(json.loads, f) if "objective/kl" in r]
+        kl = [r["objective/kl"] for r in rows]
+        with open(os.path.join(out, "ppo_args.json")) as f:
+            n = json.load(f)["rollout_batch"]
+        tokens = sum(r["perf/gen_tokens_per_s"] * r["perf/gen_s"] / n for r in rows) / len(rows)  # response tokens per rollout
         b, predicted = fit(kl[1:], args.full)
-        print(json.dumps({"lr": lr, "kl_after_k_updates": [round(x, 5) for x in kl], "exponent": round(b, 2),
+        print(json.dumps({"lr": lr, "kl_after_k_updates": [round(x, 5) for x in kl], "response_tokens": round(tokens, 1),
+                          "kl_per_token": [round(x / tokens, 6) for x in kl], "exponent": round(b, 2),
                           f"predicted_kl_after_{args.full}": round(predicted, 4), "seconds": round(time.time() - t0)}), flush=True)
 
 

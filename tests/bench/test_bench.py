@@ -121,3 +121,13 @@ def test_the_workload_has_a_reward_model_directory_of_the_same_gpt2(tmp_path, mo
     assert backbone and backbone == {k for k in rm_w if k.startswith("transformer.")}
     assert all(lm_w[k].equal(rm_w[k]) for k in backbone)
     assert rm_w["score.weight"].shape == (1, 128)
+
+
+def test_the_lr_probe_fits_a_power_law_through_the_kls_by_hand(monkeypatch):
+    """bench/ppo_lr_probe.py's fit: KL_k = 0.01·k² through k = 1, 2 gives exponent 2 and
+    KL(60) = 0.01·3600 = 36; KL_k = 0.02·k (exponent 1) gives 1.2; one point is taken as ∝ k²."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    from ppo_lr_probe import fit
+    assert fit([0.01, 0.04], 60) == pytest.approx((2.0, 36.0))
+    assert fit([0.02, 0.04, 0.06], 60) == pytest.approx((1.0, 1.2))
+    assert fit([0.003], 60) == (2.0, 0.003 * 3600)
