@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 source plumbing/stages.sh
 
 flag pipeline runs/pipeline-s1 "a finished ./pipeline.sh run on the built-in task"
-flag etas "0.01 0.05 0.2 0.5 1" "η of every PPO-family method"
+flag etas "0 0.01 0.1 0.5 1" "η of every PPO-family method (0: no KL penalty)"
 flag dpo_betas "0.03 0.1 0.3 1" "β of DPO and GR-DPO"
 flag members 3 "reward models the ensembles add to the pipeline's (each from another seed)"
 flag uwo_lambda 0.5 "UWO's λ"
@@ -30,7 +30,7 @@ switch force "rerun stages whose outputs exist"
 parse_flags "$@"
 export OMP_NUM_THREADS=1
 PY="$PYTHON" OUT="$PIPELINE/frontier" STAGE_ROOT="$PIPELINE"
-for name in sft reward gi_ppo ppo_kl dpo; do stage_args "$PIPELINE/$name" > /dev/null; done  # each a finished pipeline stage
+for name in sft reward ppo gi_ppo ppo_kl dpo; do stage_args "$PIPELINE/$name" > /dev/null; done  # each a finished pipeline stage
 mapfile -t GI < <(stage_args "$PIPELINE/gi_ppo")
 mapfile -t KL < <(stage_args "$PIPELINE/ppo_kl")
 mapfile -t DPO < <(stage_args "$PIPELINE/dpo")
@@ -55,6 +55,7 @@ for ((m = 1; m <= MEMBERS; m++)); do MEMBER_SEEDS+=("$((SEED + 100 * m))") ENSEM
 run_dir() {  # run_dir METHOD COEF: the folder of that run (a reused one where the flags are the same)
   case "$1@$2" in
     "ppo_kl@$(flag_of "$PIPELINE/ppo_kl" kl_coef)") echo "$PIPELINE/ppo_kl" ;;
+    "ppo_kl@$(flag_of "$PIPELINE/ppo" kl_coef)"|"rank_kl@$(flag_of "$PIPELINE/ppo" kl_coef)") echo "$PIPELINE/ppo" ;;  # η 0: PPO, no KL
     "gi_ppo@$(flag_of "$PIPELINE/gi_ppo" kl_coef)") echo "$PIPELINE/gi_ppo" ;;
     "dpo@$(flag_of "$PIPELINE/dpo" beta)") echo "$PIPELINE/dpo" ;;
     "dpo@0.1") [ -z "$(flag_of "$PIPELINE/dpo" beta)" ] && echo "$PIPELINE/dpo" || echo "$OUT/dpo_$2" ;;  # dpo.py's default β

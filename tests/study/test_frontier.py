@@ -71,12 +71,13 @@ def test_the_verdict_finds_the_method_above_ppo_at_matched_kl(tmp_path):
 def test_the_frontier_driver_on_a_tiny_budget(tiny_pipeline, tmp_path):
     out = str(tmp_path / "p")
     shutil.copytree(tiny_pipeline[0], out)
-    proc = run_pipeline("study/frontier.sh", "--pipeline", out, "--etas", "0.5", "--dpo_betas", "0.1 0.3", "--members", "1",
-                        "--methods", "ppo_kl rloo uwo dpo", timeout=900)
+    proc = run_pipeline("study/frontier.sh", "--pipeline", out, "--etas", "0 0.5", "--dpo_betas", "0.1 0.3", "--members", "1",
+                        "--methods", "ppo_kl uwo dpo", timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     measured = frontier.load([os.path.join(out, "frontier", "measured", f"{m}@{c}", "measured.json")
-                              for m in ("ppo_kl", "rloo", "uwo", "dpo") for c in (("0.1", "0.3") if m == "dpo" else ("0.5",))])
-    assert len(measured) == 5 and all(math.isfinite(v["kl"]) and 0 <= v["test"]["gold"] <= 1 for v in measured.values())
+                              for m in ("ppo_kl", "uwo", "dpo") for c in (("0.1", "0.3") if m == "dpo" else ("0", "0.5"))])
+    assert len(measured) == 6 and all(math.isfinite(v["kl"]) and 0 <= v["test"]["gold"] <= 1 for v in measured.values())
     assert "reused" not in proc.stdout and os.path.isdir(os.path.join(out, "frontier", "rm_seed103"))  # the member: seed 3 + 100
     assert not os.path.exists(os.path.join(out, "frontier", "ppo_kl_0.5"))  # the pipeline's own ppo_kl (η 0.5) is reused
+    assert not os.path.exists(os.path.join(out, "frontier", "ppo_kl_0"))  # and at η 0 its ppo (the same command, no KL)
     assert not os.path.exists(os.path.join(out, "frontier", "dpo_0.1"))
