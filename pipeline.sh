@@ -65,7 +65,7 @@ flag hh_ppo_steps "" "PPO iterations: cpu 8, gpu 60"
 flag hh_rollout "" "rollouts per PPO iteration, one minibatch: cpu 8, gpu 64"
 flag hh_eval_prompts "" "test prompts evaluated: cpu 32, gpu 400"
 flag hh_stats_pairs "" "pairs scored for reward_stats.json: cpu 64, gpu 1024"
-flag hh_ppo_lr "" "PPO learning rate: cpu 1e-5, gpu 1e-6 (RESULTS.md, bench/ppo_lr_probe.py)"
+flag hh_ppo_lr "" "PPO learning rate: cpu 1e-5, gpu 3e-6 (RESULTS.md, \"The GPU preset's PPO learning rate\")"
 flag hh_heldout_pairs 240 "test pairs each RM's held-out accuracy is measured on, less those the --max_len cut makes identical (cpu: 217 remain)"
 flag hh_sft_lr 1e-5 "SFT learning rate"
 flag hh_rm_lr 1e-5 "RM learning rate"
@@ -119,7 +119,7 @@ hh_pipeline() {
   : "${HH_MAX_LEN:=$(preset 160 512)}" "${HH_NEW_TOKENS:=$(preset 24 128)}" "${HH_SFT_STEPS:=$(preset 30 600)}"
   : "${HH_RM_STEPS:=$(preset 30 150)}" "${HH_JUDGE_STEPS:=$(preset 60 300)}" "${HH_DPO_STEPS:=$(preset 30 200)}" "${HH_BATCH:=$(preset 4 32)}"
   : "${HH_PPO_STEPS:=$(preset 8 60)}" "${HH_ROLLOUT:=$(preset 8 64)}" "${HH_EVAL_PROMPTS:=$(preset 32 400)}"
-  : "${HH_STATS_PAIRS:=$(preset 64 1024)}" "${HH_PPO_LR:=$(preset 1e-5 1e-6)}"
+  : "${HH_STATS_PAIRS:=$(preset 64 1024)}" "${HH_PPO_LR:=$(preset 1e-5 3e-6)}"
   if [ "$TINY" = 1 ]; then
     HH_SFT_STEPS=2 HH_RM_STEPS=2 HH_JUDGE_STEPS=2 HH_DPO_STEPS=2 HH_BATCH=2 HH_PPO_STEPS=1 HH_ROLLOUT=2 HH_EVAL_PROMPTS=2
     HH_STATS_PAIRS=4 HH_MAX_LEN=96 HH_NEW_TOKENS=8 HH_HELDOUT_PAIRS=4

@@ -8,7 +8,9 @@ model (iteration k's rollout is sampled after k updates; its objective/kl is the
 preset's shapes by default: 64 prompts of the rl split, one minibatch of 64, 128 new tokens at
 max_len 512, η 0.1, β_policy 0.1, critic lr 5e-6; --grad_accum 16 splits each update into micro-batches
 to fit a CPU's memory (the same update: micro-batching is exact). The fit: log KL = a + b·log k over k = 1..UPDATES
-(k1 KL below 1e-6 is floored there), then KL(N) = e^a·N^b.
+(k1 KL below 1e-6 is floored there), then KL(N) = e^a·N^b, given only where the KL grew (b > 0); and
+always the two ends a few noisy points leave open: the KL stays where the updates put it (the
+mean over k), or it grows linearly (the mean of KL_k / k, times N).
 
     python bench/ppo_lr_probe.py --sft runs/pipeline-s1-hh-cpu/sft --reward runs/pipeline-s1-hh-cpu/reward \\
         --data ../shared/data/hh-rlhf --lrs 1e-6 1e-5 --updates 2 --out runs/lr_probe     # one JSON line per lr
@@ -46,6 +48,11 @@ def fit(kls, full):
     return b, math.exp(my + b * (math.log(full) - mx))
 
 
+def bounds(kls, full):
+    """(KL if it stays at the measured level, KL if it grows linearly in k) after `full` updates."""
+    return sum(kls) / len(kls), full * sum(kl / k for k, kl in enumerate(kls, 1)) / len(kls)
+
+
 def main(args):
     for lr in args.lrs:
         out = os.path.join(args.out, f"lr{lr:g}")
@@ -60,9 +67,11 @@ def main(args):
             n = json.load(f)["rollout_batch"]
         tokens = sum(r["perf/gen_tokens_per_s"] * r["perf/gen_s"] / n for r in rows) / len(rows)  # response tokens per rollout
         b, predicted = fit(kl[1:], args.full)
+        flat, linear = bounds(kl[1:], args.full)
         print(json.dumps({"lr": lr, "kl_after_k_updates": [round(x, 5) for x in kl], "response_tokens": round(tokens, 1),
                           "kl_per_token": [round(x / tokens, 6) for x in kl], "exponent": round(b, 2),
-                          f"predicted_kl_after_{args.full}": round(predicted, 4), "seconds": round(time.time() - t0)}), flush=True)
+                          f"predicted_kl_after_{args.full}": round(predicted, 4) if b > 0 else None,
+                          f"kl_after_{args.full}_if_flat_or_linear": [round(flat, 4), round(linear, 4)], "seconds": round(time.time() - t0)}), flush=True)
 
 
 if __name__ == "__main__":

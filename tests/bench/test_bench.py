@@ -127,7 +127,8 @@ def test_the_lr_probe_fits_a_power_law_through_the_kls_by_hand(monkeypatch):
     """bench/ppo_lr_probe.py's fit: KL_k = 0.01·k² through k = 1, 2 gives exponent 2 and
     KL(60) = 0.01·3600 = 36; KL_k = 0.02·k (exponent 1) gives 1.2; one point is taken as ∝ k²."""
     monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
-    from ppo_lr_probe import fit
+    from ppo_lr_probe import bounds, fit
     assert fit([0.01, 0.04], 60) == pytest.approx((2.0, 36.0))
     assert fit([0.02, 0.04, 0.06], 60) == pytest.approx((1.0, 1.2))
     assert fit([0.003], 60) == (2.0, 0.003 * 3600)
+    assert bounds([0.004, 0.003], 60) == pytest.approx((0.0035, 60 * (0.004 + 0.0015) / 2))  # flat: the mean; linear: KL_k / k
