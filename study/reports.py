@@ -209,13 +209,14 @@ def run_table(dirs, last=10):
         rows = training_log(run)
         its = [r for r in rows if "objective/kl" in r]
         tail = its[-last:]
-        mean = lambda k, rs=tail: float(np.mean([r[k] for r in rs]))  # noqa: E731
+        mean = lambda k, rs=tail: float(np.mean([r[k] for r in rs if k in r]))  # noqa: E731  (a small batch can miss a group)
+        keys = sorted(set().union(*tail))
         j = judge_prefix(its)
         judges += [JUDGE_LOGS[j]] if j else []
-        by_group = {k[len(f"{j}/group/"):]: mean(k) for k in tail[-1] if k.startswith(f"{j}/group/")} if j else {}
+        by_group = {k[len(f"{j}/group/"):]: mean(k) for k in keys if k.startswith(f"{j}/group/")} if j else {}
         worst = min(by_group, key=by_group.get) if by_group else None
-        sizes = [mean(k) for k in tail[-1] if k.startswith("groups/size_")]
-        kl_by_group = ", ".join(f"{k[len('kl/group/'):]} {mean(k):.2f}" for k in sorted(tail[-1]) if k.startswith("kl/group/"))
+        sizes = [mean(k) for k in keys if k.startswith("groups/size_")]
+        kl_by_group = ", ".join(f"{k[len('kl/group/'):]} {mean(k):.2f}" for k in keys if k.startswith("kl/group/"))
         greedy = [r["eval/gold_mean"] for r in rows if "eval/gold_mean" in r]
         cells = [os.path.normpath(run), "0" if a["no_gi"] else f"{a['beta_policy']:g}", "" if a["lr"] == 0 else f"{a['kl_coef']:g}",
                  f"{mean(f'{j}/mean', its[:last]):.3f}" if j else "", f"{mean(f'{j}/mean'):.3f}" if j else "",

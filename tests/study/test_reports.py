@@ -116,3 +116,18 @@ def test_run_table_reports_the_judge_and_the_proxy(tmp_path):
     (bare / "metrics.jsonl").write_text("".join(json.dumps({"objective/kl": 0.1, "objective/scores": 2.0, "groups/size_0": 32.0}) + "\n"
                                                 for _ in range(3)))
     assert reports.run_table([str(bare)]).splitlines()[2].split(" | ")[3:7] == ["", "", "", "2.00"]
+
+
+def test_run_table_averages_a_group_over_the_iterations_that_sampled_it(tmp_path):
+    """An HH batch of 8 rollouts can miss a group: its mean is over the rows that logged it (here
+    harmless 0.2 and 0.4 → 0.300), not a KeyError on the rows that did not."""
+    run = tmp_path / "run"
+    _ppo_run(run, "judge", 0.0)
+    rows = [{"objective/kl": 0.1, "objective/scores": 1.0, "judge/mean": 0.5, "judge/group/helpful": 0.5, "groups/size_0": 3.0},
+            {"objective/kl": 0.1, "objective/scores": 1.0, "judge/mean": 0.5, "judge/group/helpful": 0.7, "judge/group/harmless": 0.2,
+             "kl/group/harmless": 0.3, "groups/size_0": 4.0},
+            {"objective/kl": 0.1, "objective/scores": 1.0, "judge/mean": 0.5, "judge/group/helpful": 0.6, "judge/group/harmless": 0.4,
+             "kl/group/harmless": 0.1, "groups/size_0": 5.0}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cells = reports.run_table([str(run)], last=3).splitlines()[2].split(" | ")
+    assert cells[5] == "harmless 0.300" and cells[9] == "harmless 0.20" and cells[10] == "4.0 of 64"
