@@ -46,7 +46,7 @@ stage() {  # stage NAME DONE_FILE COMMAND...: skipped when DONE_FILE exists from
   local dir record args
   dir=$(dirname "$done_file") record="$(dirname "$done_file")/pipeline_args.txt" args=$(root_to_placeholder "${@:2}")  # the interpreter aside
   if [ "${FORCE:-0}" = 0 ] && [ -e "$done_file" ]; then
-    if [ -f "$record" ] && [ "$(cat "$record")" = "$args" ]; then
+    if [ -f "$record" ] && { [ "$(cat "$record")" = "$args" ] || [ "$(cat "$record")" = "$(printf '%s\n' "${@:2}")" ]; }; then  # or a record of literal paths
       echo "== $name: $done_file exists, made by this command: skipped (--force reruns it)"
       RAN=0
       return
@@ -71,7 +71,7 @@ stage() {  # stage NAME DONE_FILE COMMAND...: skipped when DONE_FILE exists from
 }
 
 root_to_placeholder() {  # an argument a line, the pipeline's folder ($STAGE_ROOT) written {pipeline}
-  local a root="${STAGE_ROOT:-}"
+  local a root="${STAGE_ROOT%/}"
   for a in "$@"; do
     if [ -n "$root" ]; then [ "$a" = "$root" ] && a="{pipeline}"; a=${a//"$root/"/"{pipeline}/"}; fi
     printf '%s\n' "$a"

@@ -44,3 +44,18 @@ def test_pipeline_end_to_end_with_a_tiny_budget(tiny_pipeline, tmp_path):
     other = run_pipeline("pipeline.sh", *TINY_PIPELINE, "--out", copy, "--rm_steps", "4", timeout=300)
     assert other.returncode == 1 and "reward: " in other.stderr and "made with:" in other.stderr and "this run: " in other.stderr
     assert not os.path.exists(os.path.join(copy, "replaced"))  # nothing moved or rerun without --force
+
+
+def test_a_stage_record_names_the_pipeline_folder_and_still_reads_literal_paths(tmp_path):
+    """stage records {pipeline} for STAGE_ROOT (a copied folder still matches), and a record written
+    with literal paths (before the placeholder) is still "made by this command"; another command stops."""
+    script = f"""source {ROOT}/plumbing/stages.sh
+cd {tmp_path} && mkdir -p old/sft && touch old/sft/config.json
+printf '%s\\n' sft.py --out old/sft > old/sft/pipeline_args.txt
+STAGE_ROOT=a stage sft a/sft/config.json true sft.py --out a/sft > /dev/null; cat a/sft/pipeline_args.txt | tr '\\n' ' '; echo
+STAGE_ROOT=old stage sft old/sft/config.json false sft.py --out old/sft
+STAGE_ROOT=old stage sft old/sft/config.json false sft.py --out old/sft --steps 2"""
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "sft.py --out {pipeline}/sft " and "made by this command: skipped" in lines[1], proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "this run:  --steps 2" in proc.stderr
