@@ -74,7 +74,7 @@ def load_scorer(spec, tokenizer, d, bf16):
     """r_ψ as one callable for PPO, scorer(prompts, texts, ids, mask) -> raw scores [b], with
     scorer.center, the value subtracted before scaling. 'gold': the built-in task's gold judge (scores
     in [0, 1], centre 0.5). Else a reward model directory, frozen (bf16 on CUDA): the scalar at each
-    sequence's last real token, centred by its mean score on its training pairs (reward_stats.json)."""
+    sequence's last real token, centred by its mean score on its training pairs (reward_stats.json; .std their std)."""
     if spec == "gold":
         scorer = lambda prompts, texts, ids, mask: torch.tensor([toy.gold_score(p, t) for p, t in zip(prompts, texts)], device=ids.device)  # noqa: E731
         scorer.center = 0.5
@@ -82,7 +82,7 @@ def load_scorer(spec, tokenizer, d, bf16):
     rm = plumbing.shard(load_reward_model(spec, tokenizer, dtype=plumbing.frozen_dtype(d)).eval(), d, bf16=bf16).requires_grad_(False)
     scorer = lambda prompts, texts, ids, mask: sequence_rewards(rm, ids, mask)  # noqa: E731
     with open(os.path.join(spec, "reward_stats.json")) as f:
-        scorer.center = json.load(f)["mean"]
+        scorer.center, scorer.std = map(json.load(f).get, ("mean", "std"))
     return scorer
 
 

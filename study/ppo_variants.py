@@ -18,7 +18,6 @@ Every other flag is ppo_gi.py's, meaning the same:
     python study/ppo_variants.py --no_gi --estimator rloo --rloo_k 4 --kl_coef 0.2 --out runs/rloo
 """
 import copy
-import json
 import os
 import sys
 
@@ -104,21 +103,14 @@ class RLOO:
         return A.view(-1, 1) * r_mask, R.view(-1, 1) * r_mask  # every token of the sample takes its advantage
 
 
-def reward_std(path):
-    """A reward model's score std on its training pairs (its reward_stats.json)."""
-    with open(os.path.join(path, "reward_stats.json")) as f:
-        return json.load(f)["std"]
-
-
 def ensemble_scorer(members, mode, lam):
     """load_scorer for an RM ensemble: each member's score normalized by its training pairs' mean and std
     (reward_stats.json), then UWO (mean − λ·variance over the members) or WCO (their minimum)."""
     def load(spec, tokenizer, d, bf16):
         scorers = [reward.load_scorer(m, tokenizer, d, bf16) for m in [spec, *members]]
-        stds = [reward_std(m) for m in [spec, *members]]
 
         def scorer(prompts, texts, ids, mask):
-            r = torch.stack([(s(prompts, texts, ids, mask) - s.center) / std for s, std in zip(scorers, stds)])  # [K, b]
+            r = torch.stack([(s(prompts, texts, ids, mask) - s.center) / s.std for s in scorers])  # [K, b]
             # UWO: r = mean_k r_k − λ·Var_k(r_k);  WCO: r = min_k r_k
             return r.mean(0) - lam * r.var(0, unbiased=False) if mode == "uwo" else r.min(0).values
         scorer.center = 0.0

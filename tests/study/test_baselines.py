@@ -38,7 +38,7 @@ def test_uwo_and_wco_against_numpy_on_made_up_scores():
 
     class Member:  # a reward model's scorer: fixed raw scores, centred by its training-pairs mean
         def __init__(self, k):
-            self.k, self.center = k, float(means[k])
+            self.k, self.center, self.std = k, float(means[k]), float(stds[k])
 
         def __call__(self, prompts, texts, ids, mask):
             return torch.tensor(raw[self.k])
@@ -49,7 +49,6 @@ def test_uwo_and_wco_against_numpy_on_made_up_scores():
         load = ppo_variants.ensemble_scorer(["m1", "m2", "m3"], mode, 0.5)
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(reward, "load_scorer", lambda spec, *a: members[int(spec[1])])
-            patch.setattr(ppo_variants, "reward_std", lambda path: float(stds[int(path[1])]))
             scorer = load("m0", None, plumbing.Dist(), False)
         assert scorer.center == 0.0
         assert np.allclose(scorer(None, None, torch.zeros(7, 2), None).numpy(), expected), mode
