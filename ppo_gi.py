@@ -40,7 +40,7 @@ parser.add_argument("--group_by", choices=["harm"], default=None, help="HH-RLHF:
 parser.add_argument("--eval_split", default="test", help="toy: the split of the greedy gold evaluation at the end")
 parser.add_argument("--out", default="runs/gi_ppo", help="output directory")
 parser.add_argument("--steps", type=count, default=60, help="PPO iterations (rollout + update)")
-parser.add_argument("--rollout_batch", type=count, default=64, help="prompts per iteration (all ranks together)")
+parser.add_argument("--rollout_batch", type=count, default=64, help="rollouts per iteration, all ranks together (one per prompt unless the estimator samples several)")
 parser.add_argument("--batch_size", "--minibatch", dest="minibatch", type=count, default=64, help="samples per update, all ranks together")
 parser.add_argument("--grad_accum", type=count, default=1, help="micro-batches per rank per update (the same update in less memory)")
 parser.add_argument("--forward_batch", type=plumbing.at_least(0), default=0, help="rows per scoring forward pass (0: a rank's rollout)")

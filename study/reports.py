@@ -112,10 +112,12 @@ def gold_vs_kl(path, window=GOLD_KL_WINDOW):
     rows = [r for r in rows if judge and "objective/kl" in r and f"{judge}/mean" in r]
     if not rows:
         return {}
-    smooth = lambda xs: [float(np.mean(xs[max(0, i - window + 1): i + 1])) for i in range(len(xs))]  # noqa: E731
-    keys = [f"{judge}/mean"] + sorted(k for k in rows[-1] if k.startswith(f"{judge}/group/"))
+    def smooth(xs):  # a running mean over the iterations in the window that logged the key (a batch can miss a group)
+        got = [[x for x in xs[max(0, i - window + 1): i + 1] if x is not None] for i in range(len(xs))]
+        return [float(np.mean(w)) if w else float("nan") for w in got]
+    keys = [f"{judge}/mean"] + sorted({k for r in rows for k in r if k.startswith(f"{judge}/group/")})
     curve = {"judge": judge, "kl": smooth([r["objective/kl"] for r in rows]),
-             "scores": {k.rpartition("/")[2] if "/group/" in k else "mean": smooth([r.get(k, np.nan) for r in rows]) for k in keys}}
+             "scores": {k.rpartition("/")[2] if "/group/" in k else "mean": smooth([r.get(k) for r in rows]) for k in keys}}
     if all("objective/scores" in r for r in rows):
         curve["proxy"] = smooth([r["objective/scores"] for r in rows])
     return curve

@@ -97,6 +97,19 @@ def test_gold_vs_kl_curve_is_computed_and_plotted(tmp_path):
         assert (tmp_path / name / "gold_vs_kl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_gold_vs_kl_keeps_a_group_the_last_iterations_missed(tmp_path):
+    """A group absent from some iterations' logs (an HH batch of 8 can miss one) stays in the curve,
+    averaged over the iterations in the window that sampled it; never sampled in a window: nan."""
+    rows = [{"objective/kl": 0.1 * i, "judge/mean": 0.5, **({"judge/group/harmless": float(i)} if i in (1, 2, 4) else {})}
+            for i in range(1, 6)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    harmless = reports.gold_vs_kl(str(tmp_path), window=2)["scores"]["harmless"]
+    assert harmless == pytest.approx([1.0, 1.5, 2.0, 4.0, 4.0])
+    rows[3].pop("judge/group/harmless")  # now iterations 4 and 5 both missed it: nan at 5, the key still there
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert math.isnan(reports.gold_vs_kl(str(tmp_path), window=2)["scores"]["harmless"][4])
+
+
 def test_run_table_reports_the_judge_and_the_proxy(tmp_path):
     toy = _ppo_run(tmp_path / "toy", "gold", 0.1)
     real, plain = _ppo_run(tmp_path / "real", "judge", -0.05), _ppo_run(tmp_path / "plain", "judge", 0.0, no_gi=True)
