@@ -81,7 +81,7 @@ root_to_placeholder() {  # an argument a line, the pipeline's folder ($STAGE_ROO
 stage_args() {  # stage_args DIR [ROOT]: the arguments (the script, then its flags) a finished stage in DIR was run with, a
   # line each, {pipeline} read as ROOT (default: STAGE_ROOT where the caller set it, else DIR's parent)
   if [ ! -f "$1/pipeline_args.txt" ]; then echo "$(basename "$0"): $1 holds no stage made by pipeline.sh (no pipeline_args.txt)" >&2; exit 1; fi
-  local line root="${2:-${STAGE_ROOT:-$(dirname "$1")}}"
+  local line root="${2:-${STAGE_ROOT:-$(dirname "$1")}}"; root="${root%/}"  # a trailing slash ignored, as root_to_placeholder does
   while IFS= read -r line; do printf '%s\n' "${line//"{pipeline}"/"$root"}"; done < "$1/pipeline_args.txt"
 }
 

@@ -63,10 +63,11 @@ STAGE_ROOT=old stage sft old/sft/config.json false sft.py --out old/sft --steps 
 
 def test_stage_args_reads_the_placeholder_as_the_callers_stage_root(tmp_path):
     """A stage below the pipeline's folder (study/NAME) reads {pipeline} as STAGE_ROOT, not as its
-    parent folder; an explicit ROOT wins."""
+    parent folder; an explicit ROOT wins; a trailing slash is ignored."""
     script = f"""source {ROOT}/plumbing/stages.sh
 cd {tmp_path} && mkdir -p p/study/x && printf '%s\\n' x.py --out '{{pipeline}}/study/x' > p/study/x/pipeline_args.txt
 STAGE_ROOT=p stage_args p/study/x | tr '\\n' ' '; echo
-STAGE_ROOT=p stage_args p/study/x q | tr '\\n' ' '; echo"""
+STAGE_ROOT=p stage_args p/study/x q | tr '\\n' ' '; echo
+STAGE_ROOT=p/ stage_args p/study/x | tr '\\n' ' '; echo"""
     proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
-    assert proc.stdout.splitlines() == ["x.py --out p/study/x ", "x.py --out q/study/x "], proc.stdout + proc.stderr
+    assert proc.stdout.splitlines() == ["x.py --out p/study/x ", "x.py --out q/study/x ", "x.py --out p/study/x "], proc.stdout + proc.stderr
