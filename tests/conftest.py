@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import subprocess
+import warnings
 import sys
 
 import pytest
@@ -26,12 +27,20 @@ def shared(*parts):
     return os.path.join(SHARED, *parts)
 
 
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 def run_script(args, nproc=1, timeout=600):
     """Run a stage script as a user would: `python X.py` or `torchrun --nproc_per_node N X.py`."""
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
                                                     "--standalone", f"--nproc_per_node={nproc}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(launcher + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if nproc > 1 and proc.returncode != 0 and TEARDOWN_ABORT in proc.stderr and "Traceback" not in proc.stderr.split(TEARDOWN_ABORT)[0]:
+        # a gloo worker thread aborting a rank with no Python error (a torch CPU flake, seen on 2 cores): one retry;
+        # a script that refuses its own earlier output, or fails again, still fails the test
+        warnings.warn(f"{' '.join(args)}: a rank aborted ({TEARDOWN_ABORT!r}) with no Python error; retried once")
+        proc = subprocess.run(launcher + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
 
